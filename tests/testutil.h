@@ -1,0 +1,125 @@
+/* Helpers shared by the cmocka tests (header-only; each test is one binary). */
+#ifndef CLHCLIP_TESTUTIL_H
+#define CLHCLIP_TESTUTIL_H
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <cmocka.h>
+
+#include "clhclip.h"
+
+/* Directory of the shared test data (../shared/data from the repo root), or
+ * $CLHCLIP_SHARED_DATA. Returns NULL when absent. */
+static inline const char *tu_shared_data(void) {
+    static char path[1024];
+    const char *env = getenv("CLHCLIP_SHARED_DATA");
+    struct stat st;
+    snprintf(path, sizeof path, "%s", env && *env ? env : "../shared/data");
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+        return NULL;
+    return path;
+}
+
+/* Path inside the shared data dir; calls skip() with a message when it is absent. */
+#define TU_SHARED_OR_SKIP(buf, rel)                                                            \
+    do {                                                                                       \
+        const char *tu_dir_ = tu_shared_data();                                                \
+        if (!tu_dir_) {                                                                        \
+            print_message("SKIP: ../shared/data is absent (set CLHCLIP_SHARED_DATA)\n");       \
+            skip();                                                                            \
+        }                                                                                      \
+        snprintf((buf), sizeof(buf), "%s/%s", tu_dir_, (rel));                                 \
+    } while (0)
+
+/* Committed fixtures live in tests/fixtures (tests run from the repo root). */
+static inline const char *tu_fixture(const char *rel) {
+    static char path[1024];
+    snprintf(path, sizeof path, "tests/fixtures/%s", rel);
+    return path;
+}
+
+/* One context per test binary; tests skip when no OpenCL device exists. */
+static clh_ctx *tu_ctx_;
+static inline clh_ctx *tu_ctx(void) {
+    if (!tu_ctx_) {
+        clh_status st = clh_ctx_create(NULL, &tu_ctx_);
+        if (st != CLH_OK) {
+            print_message("SKIP: no OpenCL device: %s\n", clh_last_error());
+            tu_ctx_ = NULL;
+        }
+    }
+    return tu_ctx_;
+}
+#define TU_CTX_OR_SKIP(var)                                                                    \
+    clh_ctx *var = tu_ctx();                                                                   \
+    if (!var)                                                                                  \
+    skip()
+
+static inline void tu_ctx_teardown(void) {
+    clh_ctx_destroy(tu_ctx_);
+    tu_ctx_ = NULL;
+}
+
+/* Assert a clh call succeeded, printing the error message otherwise. */
+#define TU_OK(expr)                                                                            \
+    do {                                                                                       \
+        clh_status tu_st_ = (expr);                                                            \
+        if (tu_st_ != CLH_OK)                                                                  \
+            fail_msg("%s -> %s: %s", #expr, clh_status_name(tu_st_), clh_last_error());        \
+    } while (0)
+
+/* Assert a clh call failed with `status` and that its message contains `needle`. */
+#define TU_FAILS(expr, status, needle)                                                         \
+    do {                                                                                       \
+        clh_status tu_st_ = (expr);                                                            \
+        if (tu_st_ != (status))                                                                \
+            fail_msg("%s -> %s (expected %s): %s", #expr, clh_status_name(tu_st_),             \
+                     clh_status_name(status), clh_last_error());                               \
+        if ((needle) && !strstr(clh_last_error(), (needle)))                                   \
+            fail_msg("%s: message '%s' lacks '%s'", #expr, clh_last_error(), (needle));        \
+    } while (0)
+
+/* Deterministic uniform floats in [lo, hi). */
+static inline void tu_fill_random(float *x, size_t n, float lo, float hi, uint32_t seed) {
+    uint64_t s = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    for (size_t i = 0; i < n; i++) {
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        float u = (float)((s >> 40) & 0xFFFFFF) / 16777216.0f;
+        x[i] = lo + (hi - lo) * u;
+    }
+}
+
+/* max |a-b| and max |b| */
+static inline void tu_max_errors(const float *a, const float *b, size_t n, double *max_abs,
+                                 double *max_mag) {
+    *max_abs = 0;
+    *max_mag = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= *max_abs))
+            *max_abs = d; /* NaN propagates as failure */
+        if (fabs((double)b[i]) > *max_mag)
+            *max_mag = fabs((double)b[i]);
+    }
+}
+
+/* Assert max|got-want| <= rel * max|want| (+ abs floor). */
+#define TU_ASSERT_CLOSE(got, want, n, rel, abs_floor)                                          \
+    do {                                                                                       \
+        double tu_e_, tu_m_;                                                                   \
+        tu_max_errors((got), (want), (n), &tu_e_, &tu_m_);                                     \
+        double tu_tol_ = (rel) * tu_m_ + (abs_floor);                                          \
+        if (!(tu_e_ <= tu_tol_))                                                               \
+            fail_msg("%s vs %s: max abs err %.3g > tol %.3g (max |want| %.3g)", #got, #want,   \
+                     tu_e_, tu_tol_, tu_m_);                                                   \
+    } while (0)
+
+#endif
