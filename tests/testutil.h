@@ -76,6 +76,10 @@ static inline void tu_ctx_teardown(void) {
             fail_msg("%s -> %s: %s", #expr, clh_status_name(tu_st_), clh_last_error());        \
     } while (0)
 
+static inline int tu_contains(const char *hay, const char *needle) {
+    return !needle || strstr(hay, needle) != NULL;
+}
+
 /* Assert a clh call failed with `status` and that its message contains `needle`. */
 #define TU_FAILS(expr, status, needle)                                                         \
     do {                                                                                       \
@@ -83,7 +87,7 @@ static inline void tu_ctx_teardown(void) {
         if (tu_st_ != (status))                                                                \
             fail_msg("%s -> %s (expected %s): %s", #expr, clh_status_name(tu_st_),             \
                      clh_status_name(status), clh_last_error());                               \
-        if ((needle) && !strstr(clh_last_error(), (needle)))                                   \
+        if (!tu_contains(clh_last_error(), (needle)))                                          \
             fail_msg("%s: message '%s' lacks '%s'", #expr, clh_last_error(), (needle));        \
     } while (0)
 
