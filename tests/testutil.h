@@ -39,10 +39,11 @@ static inline const char *tu_shared_data(void) {
         snprintf((buf), sizeof(buf), "%s/%s", tu_dir_, (rel));                                 \
     } while (0)
 
-/* Committed fixtures live in tests/fixtures (tests run from the repo root). */
+/* Committed fixtures live in tests/fixtures (tests run from the repo root); an absolute
+ * path is returned unchanged. */
 static inline const char *tu_fixture(const char *rel) {
     static char path[1024];
-    snprintf(path, sizeof path, "tests/fixtures/%s", rel);
+    snprintf(path, sizeof path, "%s%s", rel[0] == '/' ? "" : "tests/fixtures/", rel);
     return path;
 }
 
