@@ -19,7 +19,7 @@
 /* Directory of the shared test data (../shared/data from the repo root), or
  * $CLHCLIP_SHARED_DATA. Returns NULL when absent. */
 static inline const char *tu_shared_data(void) {
-    static char path[1024];
+    static char path[400];
     const char *env = getenv("CLHCLIP_SHARED_DATA");
     struct stat st;
     snprintf(path, sizeof path, "%s", env && *env ? env : "../shared/data");
