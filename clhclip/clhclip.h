@@ -253,10 +253,10 @@ typedef struct clh_st_writer clh_st_writer;
 clh_status clh_st_writer_new(clh_st_writer **out);
 void clh_st_writer_free(clh_st_writer *w);
 /* Data are copied. Names must be unique. */
-clh_status clh_st_writer_add_f32(clh_st_writer *w, const char *name, int ndim,
-                                 const int64_t *shape, const float *data);
-clh_status clh_st_writer_add_i64(clh_st_writer *w, const char *name, int ndim,
-                                 const int64_t *shape, const int64_t *data);
+clh_status clh_st_writer_add_f32(clh_st_writer *w, const char *name, int ndim, const int64_t *shape,
+                                 const float *data);
+clh_status clh_st_writer_add_i64(clh_st_writer *w, const char *name, int ndim, const int64_t *shape,
+                                 const int64_t *data);
 clh_status clh_st_writer_set_metadata(clh_st_writer *w, const char *key, const char *value);
 /* Atomic write: temporary file in the same directory, fsync, rename. */
 clh_status clh_st_writer_save(clh_st_writer *w, const char *path);
@@ -302,8 +302,7 @@ void clh_image_free(clh_image *img); /* frees data, zeroes the struct */
 /* Bicubic resize like PIL's Image.resize(BICUBIC) (a = -0.5, antialiased when
  * shrinking), result rounded and clamped to 0..255 as PIL does for 8-bit images. */
 clh_status clh_image_resize(const clh_image *in, int width, int height, clh_image *out);
-clh_status clh_image_crop(const clh_image *in, int x, int y, int width, int height,
-                          clh_image *out);
+clh_status clh_image_crop(const clh_image *in, int x, int y, int width, int height, clh_image *out);
 /* PNG writer for 8-bit RGB or gray (channels 1 or 3). */
 clh_status clh_png_write(const char *path, const uint8_t *pixels, int width, int height,
                          int channels);
@@ -364,8 +363,8 @@ const clh_clip_config *clh_clip_get_config(const clh_clip *model);
 clh_ctx *clh_clip_ctx(const clh_clip *model);
 
 typedef struct clh_image_request {
-    int want_pooled;     /* pooled: ln_post(CLS) @ proj -> [N, P] */
-    int want_dense;      /* dense: ln_post(all tokens) @ proj -> [N, 1+g*g, P] */
+    int want_pooled;      /* pooled: ln_post(CLS) @ proj -> [N, P] */
+    int want_dense;       /* dense: ln_post(all tokens) @ proj -> [N, 1+g*g, P] */
     int dense_last_layer; /* CAT-Seg variant of the last block (spec 2.3) for the dense output */
     int n_hooks;          /* outputs of these blocks (0-based) -> [N, 1+g*g, D] each */
     const int *hooks;

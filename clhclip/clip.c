@@ -33,8 +33,7 @@ static clh_status ws2(clh_ctx *ctx, scratch *s, int64_t a, int64_t b, clh_tensor
     return keep(ctx, s, *out);
 }
 
-static clh_status ws3(clh_ctx *ctx, scratch *s, int64_t a, int64_t b, int64_t c,
-                      clh_tensor **out) {
+static clh_status ws3(clh_ctx *ctx, scratch *s, int64_t a, int64_t b, int64_t c, clh_tensor **out) {
     int64_t shape[3] = {a, b, c};
     CLH_TRY(clh_ws_tensor(ctx, 3, shape, out));
     return keep(ctx, s, *out);
@@ -116,15 +115,14 @@ static clh_status dense_block_body(clh_ctx *ctx, scratch *s, const clip_layer *L
     CLH_TRY(clh_linear(ctx, v, L->w[3], L->b[3], y2));
     int ni = (int)n, li = (int)len, di = (int)d, src_len = (int)len, token = 0;
     size_t global[1] = {(size_t)(n * len * d)};
-    clh_karg args[] = {CLH_KTENSOR(y),   CLH_KARG(ni),      CLH_KARG(li),   CLH_KARG(di),
-                       CLH_KTENSOR(x),   CLH_KARG(src_len), CLH_KARG(token)};
+    clh_karg args[] = {CLH_KTENSOR(y), CLH_KARG(ni),      CLH_KARG(li),   CLH_KARG(di),
+                       CLH_KTENSOR(x), CLH_KARG(src_len), CLH_KARG(token)};
     CLH_TRY(clh_launch(ctx, "clip_add_token_broadcast", 1, global, NULL, 9, args));
     return mlp_residual(ctx, s, L, t, y2);
 }
 
-static clh_status run_dense_block(clh_ctx *ctx, const clip_layer *L,
-                                  const clh_clip_tower_config *t, const clh_tensor *x,
-                                  clh_tensor *y) {
+static clh_status run_dense_block(clh_ctx *ctx, const clip_layer *L, const clh_clip_tower_config *t,
+                                  const clh_tensor *x, clh_tensor *y) {
     size_t mark = clh_ws_mark(ctx);
     scratch s = {0};
     clh_status st = dense_block_body(ctx, &s, L, t, x, y);
@@ -301,8 +299,8 @@ static clh_status check_image_request(clh_clip *m, const clh_tensor *pixels,
     for (int i = 0; i < req->n_hooks; i++)
         if (req->hooks[i] < 0 || req->hooks[i] >= m->cfg.vision.layers)
             return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT,
-                            "clh_clip_encode_image: hook block %d is outside 0..%d",
-                            req->hooks[i], m->cfg.vision.layers - 1);
+                            "clh_clip_encode_image: hook block %d is outside 0..%d", req->hooks[i],
+                            m->cfg.vision.layers - 1);
     return CLH_OK;
 }
 
@@ -405,8 +403,8 @@ static clh_status check_text_request(clh_clip *m, const int32_t *ids, int n, int
     return CLH_OK;
 }
 
-static clh_status encode_text_body(clh_clip *m, scratch *s, const int32_t *ids, int n,
-                                   int context, int32_t *pool_rows, clh_tensor **features) {
+static clh_status encode_text_body(clh_clip *m, scratch *s, const int32_t *ids, int n, int context,
+                                   int32_t *pool_rows, clh_tensor **features) {
     clh_ctx *ctx = m->ctx;
     const clh_clip_tower_config *t = &m->cfg.text;
     int64_t rows = (int64_t)n * context, pos_shape[2] = {context, t->hidden};

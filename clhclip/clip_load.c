@@ -111,10 +111,12 @@ static clh_status infer_config(loader *ld, clh_clip_config *cfg) {
     int hf = ld->style == NAMES_HF;
     clh_clip_config_defaults(cfg);
     int pos_rows = 0, grid;
-    CLH_TRY(dim_of(ld, hf ? "vision_model.embeddings.patch_embedding.weight" : "visual.conv1.weight",
-                   0, &cfg->vision.hidden));
-    CLH_TRY(dim_of(ld, hf ? "vision_model.embeddings.patch_embedding.weight" : "visual.conv1.weight",
-                   3, &cfg->patch_size));
+    CLH_TRY(dim_of(ld,
+                   hf ? "vision_model.embeddings.patch_embedding.weight" : "visual.conv1.weight", 0,
+                   &cfg->vision.hidden));
+    CLH_TRY(dim_of(ld,
+                   hf ? "vision_model.embeddings.patch_embedding.weight" : "visual.conv1.weight", 3,
+                   &cfg->patch_size));
     CLH_TRY(dim_of(ld,
                    hf ? "vision_model.embeddings.position_embedding.weight"
                       : "visual.positional_embedding",
@@ -122,11 +124,12 @@ static clh_status infer_config(loader *ld, clh_clip_config *cfg) {
     grid = (int)lround(sqrt((double)(pos_rows - 1)));
     if (grid * grid + 1 != pos_rows)
         return clh_fail(ld->ctx, CLH_ERR_FORMAT,
-                        "CLIP weights '%s': %d vision positions is not 1 + a square grid",
-                        ld->path, pos_rows);
+                        "CLIP weights '%s': %d vision positions is not 1 + a square grid", ld->path,
+                        pos_rows);
     cfg->image_size = grid * cfg->patch_size;
-    cfg->vision.layers = count_layers(ld->st, hf ? "vision_model.encoder.layers.%d.mlp.fc1.weight"
-                                                 : "visual.transformer.resblocks.%d.mlp.c_fc.weight");
+    cfg->vision.layers =
+        count_layers(ld->st, hf ? "vision_model.encoder.layers.%d.mlp.fc1.weight"
+                                : "visual.transformer.resblocks.%d.mlp.c_fc.weight");
     CLH_TRY(dim_of(ld,
                    hf ? "vision_model.encoder.layers.0.mlp.fc1.weight"
                       : "visual.transformer.resblocks.0.mlp.c_fc.weight",
@@ -175,8 +178,8 @@ static clh_status check_shape(const loader *ld, const char *name, const clh_st_t
     clh_shape_str(ndim, shape, want, sizeof want);
     clh_shape_str(info->ndim, info->shape, got, sizeof got);
     return clh_fail(ld->ctx, CLH_ERR_SHAPE,
-                    "CLIP weights '%s': tensor '%s' has shape %s but the config needs %s",
-                    ld->path, name, got, want);
+                    "CLIP weights '%s': tensor '%s' has shape %s but the config needs %s", ld->path,
+                    name, got, want);
 }
 
 /* Read `name` (checked against shape) into host memory as fp32. */
@@ -283,10 +286,10 @@ static clh_status load_layer(const loader *ld, const char *prefix, const clh_cli
     int64_t d = t->hidden, f = t->intermediate;
     int64_t vd[1] = {d}, vf[1] = {f}, dd[2] = {d, d}, fd[2] = {f, d}, df[2] = {d, f};
     char name[256];
-#define LOAD(suffix_hf, suffix_oa, nd, shape, dst)                                             \
-    do {                                                                                       \
-        snprintf(name, sizeof name, "%s%s", prefix, hf ? (suffix_hf) : (suffix_oa));           \
-        CLH_TRY(load_tensor(ld, name, nd, shape, dst));                                        \
+#define LOAD(suffix_hf, suffix_oa, nd, shape, dst)                                                 \
+    do {                                                                                           \
+        snprintf(name, sizeof name, "%s%s", prefix, hf ? (suffix_hf) : (suffix_oa));               \
+        CLH_TRY(load_tensor(ld, name, nd, shape, dst));                                            \
     } while (0)
     LOAD("layer_norm1.weight", "ln_1.weight", 1, vd, &L->ln1_w);
     LOAD("layer_norm1.bias", "ln_1.bias", 1, vd, &L->ln1_b);
@@ -321,33 +324,33 @@ static clh_status load_vision(const loader *ld, clh_clip *m) {
     int hf = ld->style == NAMES_HF;
     int64_t d = c->vision.hidden, p = c->patch_size, g = c->image_size / c->patch_size;
     int64_t conv[4] = {d, 3, p, p}, vd[1] = {d}, pos[2] = {1 + g * g, d};
-    CLH_TRY(load_tensor(ld, hf ? "vision_model.embeddings.patch_embedding.weight"
-                               : "visual.conv1.weight",
-                        4, conv, &m->patch_w));
-    CLH_TRY(load_tensor(ld, hf ? "vision_model.embeddings.class_embedding"
-                               : "visual.class_embedding",
+    CLH_TRY(load_tensor(
+        ld, hf ? "vision_model.embeddings.patch_embedding.weight" : "visual.conv1.weight", 4, conv,
+        &m->patch_w));
+    CLH_TRY(load_tensor(ld,
+                        hf ? "vision_model.embeddings.class_embedding" : "visual.class_embedding",
                         1, vd, &m->class_emb));
-    CLH_TRY(load_tensor(ld, hf ? "vision_model.embeddings.position_embedding.weight"
-                               : "visual.positional_embedding",
+    CLH_TRY(load_tensor(ld,
+                        hf ? "vision_model.embeddings.position_embedding.weight"
+                           : "visual.positional_embedding",
                         2, pos, &m->vis_pos));
-    CLH_TRY(load_tensor(ld, hf ? "vision_model.pre_layrnorm.weight" : "visual.ln_pre.weight", 1,
-                        vd, &m->pre_ln_w));
+    CLH_TRY(load_tensor(ld, hf ? "vision_model.pre_layrnorm.weight" : "visual.ln_pre.weight", 1, vd,
+                        &m->pre_ln_w));
     CLH_TRY(load_tensor(ld, hf ? "vision_model.pre_layrnorm.bias" : "visual.ln_pre.bias", 1, vd,
                         &m->pre_ln_b));
-    CLH_TRY(load_tensor(ld, hf ? "vision_model.post_layernorm.weight" : "visual.ln_post.weight",
-                        1, vd, &m->post_ln_w));
-    CLH_TRY(load_tensor(ld, hf ? "vision_model.post_layernorm.bias" : "visual.ln_post.bias", 1,
-                        vd, &m->post_ln_b));
+    CLH_TRY(load_tensor(ld, hf ? "vision_model.post_layernorm.weight" : "visual.ln_post.weight", 1,
+                        vd, &m->post_ln_w));
+    CLH_TRY(load_tensor(ld, hf ? "vision_model.post_layernorm.bias" : "visual.ln_post.bias", 1, vd,
+                        &m->post_ln_b));
     if (hf) {
         int64_t proj[2] = {c->projection_dim, d};
         CLH_TRY(load_tensor(ld, "visual_projection.weight", 2, proj, &m->vis_proj));
     } else {
         CLH_TRY(load_transposed(ld, "visual.proj", d, c->projection_dim, &m->vis_proj));
     }
-    return load_tower_layers(ld,
-                             hf ? "vision_model.encoder.layers.%d."
-                                : "visual.transformer.resblocks.%d.",
-                             &c->vision, &m->vis_layers);
+    return load_tower_layers(
+        ld, hf ? "vision_model.encoder.layers.%d." : "visual.transformer.resblocks.%d.", &c->vision,
+        &m->vis_layers);
 }
 
 static clh_status load_text(const loader *ld, clh_clip *m) {
@@ -355,12 +358,12 @@ static clh_status load_text(const loader *ld, clh_clip *m) {
     int hf = ld->style == NAMES_HF;
     int64_t d = c->text.hidden, vd[1] = {d};
     int64_t tok[2] = {c->vocab_size, d}, pos[2] = {c->max_positions, d};
-    CLH_TRY(load_tensor(ld, hf ? "text_model.embeddings.token_embedding.weight"
-                               : "token_embedding.weight",
-                        2, tok, &m->tok_emb));
-    CLH_TRY(load_tensor(ld, hf ? "text_model.embeddings.position_embedding.weight"
-                               : "positional_embedding",
-                        2, pos, &m->txt_pos));
+    CLH_TRY(load_tensor(
+        ld, hf ? "text_model.embeddings.token_embedding.weight" : "token_embedding.weight", 2, tok,
+        &m->tok_emb));
+    CLH_TRY(load_tensor(
+        ld, hf ? "text_model.embeddings.position_embedding.weight" : "positional_embedding", 2, pos,
+        &m->txt_pos));
     CLH_TRY(load_tensor(ld, hf ? "text_model.final_layer_norm.weight" : "ln_final.weight", 1, vd,
                         &m->final_ln_w));
     CLH_TRY(load_tensor(ld, hf ? "text_model.final_layer_norm.bias" : "ln_final.bias", 1, vd,
@@ -371,8 +374,7 @@ static clh_status load_text(const loader *ld, clh_clip *m) {
     } else {
         CLH_TRY(load_transposed(ld, "text_projection", d, c->projection_dim, &m->txt_proj));
     }
-    return load_tower_layers(ld,
-                             hf ? "text_model.encoder.layers.%d." : "transformer.resblocks.%d.",
+    return load_tower_layers(ld, hf ? "text_model.encoder.layers.%d." : "transformer.resblocks.%d.",
                              &c->text, &m->txt_layers);
 }
 
@@ -395,8 +397,10 @@ static clh_status validate_config(clh_ctx *ctx, const clh_clip_config *c) {
                             i ? "text" : "vision", t[i]->hidden, t[i]->heads, t[i]->layers,
                             t[i]->intermediate);
     if (c->patch_size <= 0 || c->image_size % c->patch_size)
-        return clh_fail(ctx, CLH_ERR_FORMAT, "CLIP config: image size %d is not a multiple of "
-                        "patch size %d", c->image_size, c->patch_size);
+        return clh_fail(ctx, CLH_ERR_FORMAT,
+                        "CLIP config: image size %d is not a multiple of "
+                        "patch size %d",
+                        c->image_size, c->patch_size);
     return CLH_OK;
 }
 
@@ -482,8 +486,8 @@ static void free_layers(clip_layer *layers, int n) {
         return;
     for (int i = 0; i < n; i++) {
         clip_layer *L = &layers[i];
-        clh_tensor *all[] = {L->ln1_w, L->ln1_b, L->qkv_w, L->qkv_b, L->ln2_w, L->ln2_b,
-                             L->fc1_w, L->fc1_b, L->fc2_w, L->fc2_b};
+        clh_tensor *all[] = {L->ln1_w, L->ln1_b, L->qkv_w, L->qkv_b, L->ln2_w,
+                             L->ln2_b, L->fc1_w, L->fc1_b, L->fc2_w, L->fc2_b};
         for (size_t j = 0; j < sizeof all / sizeof *all; j++)
             clh_tensor_release(all[j]);
         for (int j = 0; j < 4; j++) {
@@ -497,8 +501,8 @@ static void free_layers(clip_layer *layers, int n) {
 void clh_clip_free(clh_clip *m) {
     if (!m)
         return;
-    clh_tensor *all[] = {m->patch_w,  m->class_emb,  m->vis_pos,   m->pre_ln_w,   m->pre_ln_b,
-                         m->post_ln_w, m->post_ln_b, m->vis_proj,  m->tok_emb,    m->txt_pos,
+    clh_tensor *all[] = {m->patch_w,    m->class_emb,  m->vis_pos,  m->pre_ln_w, m->pre_ln_b,
+                         m->post_ln_w,  m->post_ln_b,  m->vis_proj, m->tok_emb,  m->txt_pos,
                          m->final_ln_w, m->final_ln_b, m->txt_proj, m->pos_cache};
     for (size_t j = 0; j < sizeof all / sizeof *all; j++)
         clh_tensor_release(all[j]);

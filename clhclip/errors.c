@@ -14,26 +14,40 @@ const char *clh_last_error(void) {
 
 const char *clh_status_name(clh_status status) {
     switch (status) {
-        case CLH_OK: return "CLH_OK";
-        case CLH_ERR_OPENCL: return "CLH_ERR_OPENCL";
-        case CLH_ERR_CLBLAST: return "CLH_ERR_CLBLAST";
-        case CLH_ERR_NO_DEVICE: return "CLH_ERR_NO_DEVICE";
-        case CLH_ERR_BUILD: return "CLH_ERR_BUILD";
-        case CLH_ERR_OUT_OF_MEMORY: return "CLH_ERR_OUT_OF_MEMORY";
-        case CLH_ERR_INVALID_ARGUMENT: return "CLH_ERR_INVALID_ARGUMENT";
-        case CLH_ERR_SHAPE: return "CLH_ERR_SHAPE";
-        case CLH_ERR_IO: return "CLH_ERR_IO";
-        case CLH_ERR_FORMAT: return "CLH_ERR_FORMAT";
-        case CLH_ERR_NOT_FOUND: return "CLH_ERR_NOT_FOUND";
-        case CLH_ERR_TOO_LONG: return "CLH_ERR_TOO_LONG";
-        case CLH_ERR_UNSUPPORTED: return "CLH_ERR_UNSUPPORTED";
+        case CLH_OK:
+            return "CLH_OK";
+        case CLH_ERR_OPENCL:
+            return "CLH_ERR_OPENCL";
+        case CLH_ERR_CLBLAST:
+            return "CLH_ERR_CLBLAST";
+        case CLH_ERR_NO_DEVICE:
+            return "CLH_ERR_NO_DEVICE";
+        case CLH_ERR_BUILD:
+            return "CLH_ERR_BUILD";
+        case CLH_ERR_OUT_OF_MEMORY:
+            return "CLH_ERR_OUT_OF_MEMORY";
+        case CLH_ERR_INVALID_ARGUMENT:
+            return "CLH_ERR_INVALID_ARGUMENT";
+        case CLH_ERR_SHAPE:
+            return "CLH_ERR_SHAPE";
+        case CLH_ERR_IO:
+            return "CLH_ERR_IO";
+        case CLH_ERR_FORMAT:
+            return "CLH_ERR_FORMAT";
+        case CLH_ERR_NOT_FOUND:
+            return "CLH_ERR_NOT_FOUND";
+        case CLH_ERR_TOO_LONG:
+            return "CLH_ERR_TOO_LONG";
+        case CLH_ERR_UNSUPPORTED:
+            return "CLH_ERR_UNSUPPORTED";
     }
     return "CLH_ERR_UNKNOWN";
 }
 
 const char *clh_cl_error_name(int err) {
-#define CASE(x)                                                                                \
-    case x: return #x
+#define CASE(x)                                                                                    \
+    case x:                                                                                        \
+        return #x
     switch (err) {
         CASE(CL_SUCCESS);
         CASE(CL_DEVICE_NOT_FOUND);
@@ -94,7 +108,8 @@ const char *clh_cl_error_name(int err) {
         CASE(CL_INVALID_COMPILER_OPTIONS);
         CASE(CL_INVALID_LINKER_OPTIONS);
         CASE(CL_INVALID_DEVICE_PARTITION_COUNT);
-        case -1001: return "CL_PLATFORM_NOT_FOUND_KHR";
+        case -1001:
+            return "CL_PLATFORM_NOT_FOUND_KHR";
     }
 #undef CASE
     return "CL_UNKNOWN_ERROR";
@@ -139,8 +154,8 @@ void clh_shape_str(int ndim, const int64_t *shape, char *buf, size_t size) {
     size_t used = 0;
     used += (size_t)snprintf(buf, size, "[");
     for (int i = 0; i < ndim && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld",
-                                 (long long)shape[i]);
+        used +=
+            (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)shape[i]);
     if (used < size)
         snprintf(buf + used, size - used, "]");
 }

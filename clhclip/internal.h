@@ -22,11 +22,11 @@ clh_status clh_fail_cl(clh_ctx *ctx, cl_int err, const char *call, const char *d
     __attribute__((format(printf, 4, 5)));
 
 /* Evaluate a clh_status expression; return it on failure. */
-#define CLH_TRY(expr)                                                                          \
-    do {                                                                                       \
-        clh_status clh_try_status_ = (expr);                                                   \
-        if (clh_try_status_ != CLH_OK)                                                         \
-            return clh_try_status_;                                                            \
+#define CLH_TRY(expr)                                                                              \
+    do {                                                                                           \
+        clh_status clh_try_status_ = (expr);                                                       \
+        if (clh_try_status_ != CLH_OK)                                                             \
+            return clh_try_status_;                                                                \
     } while (0)
 
 /* ------------------------------------------------------------------ context */
@@ -61,7 +61,7 @@ struct clh_ctx {
     /* workspace arena: chunks in use; allocation bumps within the last chunk */
     clh_ws_chunk *ws_chunks;
     int n_ws_chunks, cap_ws_chunks;
-    size_t ws_used; /* floats used over all chunks, as a stack position */
+    size_t ws_used;       /* floats used over all chunks, as a stack position */
     size_t ws_chunk_used; /* floats used in the last chunk */
 
     size_t device_bytes, peak_device_bytes;
@@ -91,11 +91,16 @@ typedef struct clh_karg {
     const void *value;
 } clh_karg;
 
-#define CLH_KARG(x) {sizeof(x), &(x)}
-#define CLH_KLOCAL(bytes) {(bytes), NULL}
+#define CLH_KARG(x)                                                                                \
+    { sizeof(x), &(x) }
+#define CLH_KLOCAL(bytes)                                                                          \
+    { (bytes), NULL }
 /* A tensor is passed as two kernel arguments: its buffer and its element offset
  * (kernel side: `__global float *x, const int x_off`). */
-#define CLH_KTENSOR(t) {sizeof(cl_mem), &(t)->mem}, {sizeof(int), clh_offset_ptr(t)}
+#define CLH_KTENSOR(t)                                                                             \
+    {sizeof(cl_mem), &(t)->mem}, {                                                                 \
+        sizeof(int), clh_offset_ptr(t)                                                             \
+    }
 const int *clh_offset_ptr(const clh_tensor *t);
 
 /* Launch `kernel` (found in the embedded programs, built lazily) over `global`

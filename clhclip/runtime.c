@@ -12,7 +12,7 @@
 #include "internal.h"
 
 #define MAX_PLATFORMS 16
-#define MAX_DEVICES 64
+#define MAX_DEVICES   64
 
 struct clh_program_entry {
     cl_program program;
@@ -121,10 +121,10 @@ static void fill_device_info(cl_platform_id plat, cl_device_id dev, int pi, int 
     info->is_gpu = (type & CL_DEVICE_TYPE_GPU) != 0;
     info->is_cpu = (type & CL_DEVICE_TYPE_CPU) != 0;
     snprintf(info->type, sizeof info->type, "%s",
-             info->is_gpu                              ? "GPU"
-             : info->is_cpu                            ? "CPU"
+             info->is_gpu                          ? "GPU"
+             : info->is_cpu                        ? "CPU"
              : (type & CL_DEVICE_TYPE_ACCELERATOR) ? "ACCELERATOR"
-                                                       : "OTHER");
+                                                   : "OTHER");
     cl_uint u = 0;
     cl_ulong ul = 0;
     clGetDeviceInfo(dev, CL_DEVICE_MAX_COMPUTE_UNITS, sizeof u, &u, NULL);
@@ -146,8 +146,8 @@ static void fill_device_info(cl_platform_id plat, cl_device_id dev, int pi, int 
                     info->max_work_item_sizes, NULL);
     info->has_fp16 = has_extension(dev, "cl_khr_fp16");
     info->has_fp64 = has_extension(dev, "cl_khr_fp64");
-    info->has_subgroups = has_extension(dev, "cl_khr_subgroups") ||
-                          has_extension(dev, "cl_intel_subgroups");
+    info->has_subgroups =
+        has_extension(dev, "cl_khr_subgroups") || has_extension(dev, "cl_intel_subgroups");
 }
 
 static const char *NO_DEVICE_HINT =
@@ -281,8 +281,7 @@ static int platform_matches(const clh_device_info *info, const char *sel) {
         return 1;
     if (parse_index(sel, &idx))
         return info->platform_index == idx;
-    return contains_nocase(info->platform_name, sel) ||
-           contains_nocase(info->platform_vendor, sel);
+    return contains_nocase(info->platform_name, sel) || contains_nocase(info->platform_vendor, sel);
 }
 
 /* Index among the candidates of the selected platform(s), or name substring;
@@ -329,11 +328,10 @@ static int env_flag(const char *name) {
 
 clh_status clh_ctx_create(const clh_ctx_options *options, clh_ctx **out) {
     *out = NULL;
-    const char *plat_sel = options && options->platform ? options->platform
-                                                        : getenv("CLHCLIP_PLATFORM");
+    const char *plat_sel =
+        options && options->platform ? options->platform : getenv("CLHCLIP_PLATFORM");
     const char *dev_sel = options && options->device ? options->device : getenv("CLHCLIP_DEVICE");
-    int profile = options && options->profile >= 0 ? options->profile
-                                                   : env_flag("CLHCLIP_PROFILE");
+    int profile = options && options->profile >= 0 ? options->profile : env_flag("CLHCLIP_PROFILE");
     device_entry *all = calloc(MAX_DEVICES, sizeof *all);
     if (!all)
         return clh_fail(NULL, CLH_ERR_OUT_OF_MEMORY, "clh_ctx_create: out of host memory");
@@ -654,8 +652,8 @@ clh_status clh_launch(clh_ctx *ctx, const char *kernel, int dims, const size_t *
         char g[64], l[64];
         format_sizes(dims, padded, g, sizeof g);
         format_sizes(dims, local, l, sizeof l);
-        return clh_fail_cl(ctx, err, "clEnqueueNDRangeKernel", "%s, global=%s, local=%s", kernel,
-                           g, l);
+        return clh_fail_cl(ctx, err, "clEnqueueNDRangeKernel", "%s, global=%s, local=%s", kernel, g,
+                           l);
     }
     if (ev)
         clh_profile_event(ctx, kernel, ev);
@@ -670,7 +668,8 @@ clh_status clh_launch(clh_ctx *ctx, const char *kernel, int dims, const size_t *
 /* ------------------------------------------------------------------ profile table */
 
 static int by_total_desc(const void *a, const void *b) {
-    double x = ((const clh_profile_entry *)a)->total_ms, y = ((const clh_profile_entry *)b)->total_ms;
+    double x = ((const clh_profile_entry *)a)->total_ms,
+           y = ((const clh_profile_entry *)b)->total_ms;
     return (x < y) - (x > y);
 }
 
@@ -687,8 +686,8 @@ clh_status clh_profile_table(clh_ctx *ctx, char **table) {
     size_t used = (size_t)snprintf(buf, cap, "%-40s %8s %12s %10s %6s\n", "kernel", "calls",
                                    "total ms", "mean ms", "share");
     if (!ctx->profile)
-        used += (size_t)snprintf(buf + used, cap - used,
-                                 "(profiling is off: set CLHCLIP_PROFILE=1)\n");
+        used +=
+            (size_t)snprintf(buf + used, cap - used, "(profiling is off: set CLHCLIP_PROFILE=1)\n");
     for (int i = 0; i < ctx->n_prof && used < cap; i++) {
         const clh_profile_entry *p = &ctx->prof[i];
         used += (size_t)snprintf(buf + used, cap - used, "%-40s %8ld %12.3f %10.4f %5.1f%%\n",

@@ -5,8 +5,8 @@
 
 #include "internal.h"
 
-#define WS_ALIGN 16                  /* floats: 64-byte aligned workspace views */
-#define WS_MIN_CHUNK (1u << 20)      /* floats: 4 MiB */
+#define WS_ALIGN     16         /* floats: 64-byte aligned workspace views */
+#define WS_MIN_CHUNK (1u << 20) /* floats: 4 MiB */
 
 clh_status clh_buffer_new(clh_ctx *ctx, size_t bytes, cl_mem *out) {
     *out = NULL;
@@ -21,8 +21,8 @@ clh_status clh_buffer_new(clh_ctx *ctx, size_t bytes, cl_mem *out) {
     *out = clCreateBuffer(ctx->context, CL_MEM_READ_WRITE, bytes, NULL, &err);
     if (err != CL_SUCCESS) {
         *out = NULL;
-        return clh_fail_cl(ctx, err, "clCreateBuffer", "%zu bytes; %zu bytes already in use",
-                           bytes, ctx->device_bytes);
+        return clh_fail_cl(ctx, err, "clCreateBuffer", "%zu bytes; %zu bytes already in use", bytes,
+                           ctx->device_bytes);
     }
     ctx->device_bytes += bytes;
     if (ctx->device_bytes > ctx->peak_device_bytes)
@@ -36,8 +36,8 @@ static clh_status check_shape(clh_ctx *ctx, int ndim, const int64_t *shape, cons
                         ndim, CLH_MAX_DIMS);
     for (int i = 0; i < ndim; i++)
         if (shape[i] < 0)
-            return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: negative size %lld in dim %d",
-                            fn, (long long)shape[i], i);
+            return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: negative size %lld in dim %d", fn,
+                            (long long)shape[i], i);
     return CLH_OK;
 }
 
@@ -173,8 +173,8 @@ static clh_status check_count(const clh_tensor *t, size_t n, const char *fn) {
     if (n != t->numel) {
         char s[128];
         clh_shape_str(t->ndim, t->shape, s, sizeof s);
-        return clh_fail(t->ctx, CLH_ERR_SHAPE, "%s: %zu values for a tensor of shape %s (%zu)",
-                        fn, n, s, t->numel);
+        return clh_fail(t->ctx, CLH_ERR_SHAPE, "%s: %zu values for a tensor of shape %s (%zu)", fn,
+                        n, s, t->numel);
     }
     return CLH_OK;
 }
@@ -207,23 +207,23 @@ clh_status clh_tensor_copy(clh_tensor *dst, const clh_tensor *src) {
     CLH_TRY(check_count(dst, src->numel, "clh_tensor_copy"));
     if (src->numel == 0 || (dst->mem == src->mem && dst->offset == src->offset))
         return CLH_OK;
-    cl_int err = clEnqueueCopyBuffer(dst->ctx->queue, src->mem, dst->mem,
-                                     src->offset * sizeof(float), dst->offset * sizeof(float),
-                                     src->numel * sizeof(float), 0, NULL, NULL);
-    return err == CL_SUCCESS ? CLH_OK
-                             : clh_fail_cl(dst->ctx, err, "clEnqueueCopyBuffer", "%zu floats",
-                                           src->numel);
+    cl_int err =
+        clEnqueueCopyBuffer(dst->ctx->queue, src->mem, dst->mem, src->offset * sizeof(float),
+                            dst->offset * sizeof(float), src->numel * sizeof(float), 0, NULL, NULL);
+    return err == CL_SUCCESS
+               ? CLH_OK
+               : clh_fail_cl(dst->ctx, err, "clEnqueueCopyBuffer", "%zu floats", src->numel);
 }
 
 clh_status clh_tensor_fill(clh_tensor *t, float value) {
     if (t->numel == 0)
         return CLH_OK;
-    cl_int err = clEnqueueFillBuffer(t->ctx->queue, t->mem, &value, sizeof value,
-                                     t->offset * sizeof(float), t->numel * sizeof(float), 0, NULL,
-                                     NULL);
-    return err == CL_SUCCESS ? CLH_OK
-                             : clh_fail_cl(t->ctx, err, "clEnqueueFillBuffer", "%zu floats",
-                                           t->numel);
+    cl_int err =
+        clEnqueueFillBuffer(t->ctx->queue, t->mem, &value, sizeof value, t->offset * sizeof(float),
+                            t->numel * sizeof(float), 0, NULL, NULL);
+    return err == CL_SUCCESS
+               ? CLH_OK
+               : clh_fail_cl(t->ctx, err, "clEnqueueFillBuffer", "%zu floats", t->numel);
 }
 
 /* ------------------------------------------------------------------ workspace */

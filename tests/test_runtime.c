@@ -122,9 +122,8 @@ static clh_status launch_add_token(clh_ctx *ctx, clh_tensor *x, const clh_tensor
                                    int len, int dim, int src_len, int token) {
     int total = n * len * dim;
     size_t global[1] = {(size_t)total};
-    clh_karg args[] = {CLH_KTENSOR(x),       CLH_KARG(n),      CLH_KARG(len),
-                       CLH_KARG(dim),        CLH_KTENSOR(src), CLH_KARG(src_len),
-                       CLH_KARG(token)};
+    clh_karg args[] = {CLH_KTENSOR(x),   CLH_KARG(n),       CLH_KARG(len),  CLH_KARG(dim),
+                       CLH_KTENSOR(src), CLH_KARG(src_len), CLH_KARG(token)};
     return clh_launch(ctx, "clip_add_token_broadcast", 1, global, NULL, 9, args);
 }
 
@@ -157,8 +156,8 @@ static void test_launch_errors_are_named(void **state) {
     clh_tensor *t;
     int64_t shape[1] = {4};
     TU_OK(clh_tensor_new(ctx, 1, shape, &t));
-    clh_karg args[] = {CLH_KTENSOR(t), CLH_KARG(n), CLH_KARG(n), CLH_KARG(n), CLH_KTENSOR(t),
-                       CLH_KARG(n),    CLH_KARG(n), CLH_KARG(n)};
+    clh_karg args[] = {CLH_KTENSOR(t), CLH_KARG(n), CLH_KARG(n), CLH_KARG(n),
+                       CLH_KTENSOR(t), CLH_KARG(n), CLH_KARG(n), CLH_KARG(n)};
     clh_status st = clh_launch(ctx, "clip_add_token_broadcast", 1, global, NULL, 10, args);
     clh_tensor_release(t);
     assert_int_equal(st, CLH_ERR_OPENCL);

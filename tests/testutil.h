@@ -29,14 +29,14 @@ static inline const char *tu_shared_data(void) {
 }
 
 /* Path inside the shared data dir; calls skip() with a message when it is absent. */
-#define TU_SHARED_OR_SKIP(buf, rel)                                                            \
-    do {                                                                                       \
-        const char *tu_dir_ = tu_shared_data();                                                \
-        if (!tu_dir_) {                                                                        \
-            print_message("SKIP: ../shared/data is absent (set CLHCLIP_SHARED_DATA)\n");       \
-            skip();                                                                            \
-        }                                                                                      \
-        snprintf((buf), sizeof(buf), "%s/%s", tu_dir_, (rel));                                 \
+#define TU_SHARED_OR_SKIP(buf, rel)                                                                \
+    do {                                                                                           \
+        const char *tu_dir_ = tu_shared_data();                                                    \
+        if (!tu_dir_) {                                                                            \
+            print_message("SKIP: ../shared/data is absent (set CLHCLIP_SHARED_DATA)\n");           \
+            skip();                                                                                \
+        }                                                                                          \
+        snprintf((buf), sizeof(buf), "%s/%s", tu_dir_, (rel));                                     \
     } while (0)
 
 /* Committed fixtures live in tests/fixtures (tests run from the repo root); an absolute
@@ -59,9 +59,9 @@ static inline clh_ctx *tu_ctx(void) {
     }
     return tu_ctx_;
 }
-#define TU_CTX_OR_SKIP(var)                                                                    \
-    clh_ctx *var = tu_ctx();                                                                   \
-    if (!var)                                                                                  \
+#define TU_CTX_OR_SKIP(var)                                                                        \
+    clh_ctx *var = tu_ctx();                                                                       \
+    if (!var)                                                                                      \
     skip()
 
 static inline void tu_ctx_teardown(void) {
@@ -70,11 +70,11 @@ static inline void tu_ctx_teardown(void) {
 }
 
 /* Assert a clh call succeeded, printing the error message otherwise. */
-#define TU_OK(expr)                                                                            \
-    do {                                                                                       \
-        clh_status tu_st_ = (expr);                                                            \
-        if (tu_st_ != CLH_OK)                                                                  \
-            fail_msg("%s -> %s: %s", #expr, clh_status_name(tu_st_), clh_last_error());        \
+#define TU_OK(expr)                                                                                \
+    do {                                                                                           \
+        clh_status tu_st_ = (expr);                                                                \
+        if (tu_st_ != CLH_OK)                                                                      \
+            fail_msg("%s -> %s: %s", #expr, clh_status_name(tu_st_), clh_last_error());            \
     } while (0)
 
 static inline int tu_contains(const char *hay, const char *needle) {
@@ -82,14 +82,14 @@ static inline int tu_contains(const char *hay, const char *needle) {
 }
 
 /* Assert a clh call failed with `status` and that its message contains `needle`. */
-#define TU_FAILS(expr, status, needle)                                                         \
-    do {                                                                                       \
-        clh_status tu_st_ = (expr);                                                            \
-        if (tu_st_ != (status))                                                                \
-            fail_msg("%s -> %s (expected %s): %s", #expr, clh_status_name(tu_st_),             \
-                     clh_status_name(status), clh_last_error());                               \
-        if (!tu_contains(clh_last_error(), (needle)))                                          \
-            fail_msg("%s: message '%s' lacks '%s'", #expr, clh_last_error(), (needle));        \
+#define TU_FAILS(expr, status, needle)                                                             \
+    do {                                                                                           \
+        clh_status tu_st_ = (expr);                                                                \
+        if (tu_st_ != (status))                                                                    \
+            fail_msg("%s -> %s (expected %s): %s", #expr, clh_status_name(tu_st_),                 \
+                     clh_status_name(status), clh_last_error());                                   \
+        if (!tu_contains(clh_last_error(), (needle)))                                              \
+            fail_msg("%s: message '%s' lacks '%s'", #expr, clh_last_error(), (needle));            \
     } while (0)
 
 /* Deterministic uniform floats in [lo, hi). */
@@ -119,14 +119,14 @@ static inline void tu_max_errors(const float *a, const float *b, size_t n, doubl
 }
 
 /* Assert max|got-want| <= rel * max|want| (+ abs floor). */
-#define TU_ASSERT_CLOSE(got, want, n, rel, abs_floor)                                          \
-    do {                                                                                       \
-        double tu_e_, tu_m_;                                                                   \
-        tu_max_errors((got), (want), (n), &tu_e_, &tu_m_);                                     \
-        double tu_tol_ = (rel) * tu_m_ + (abs_floor);                                          \
-        if (!(tu_e_ <= tu_tol_))                                                               \
-            fail_msg("%s vs %s: max abs err %.3g > tol %.3g (max |want| %.3g)", #got, #want,   \
-                     tu_e_, tu_tol_, tu_m_);                                                   \
+#define TU_ASSERT_CLOSE(got, want, n, rel, abs_floor)                                              \
+    do {                                                                                           \
+        double tu_e_, tu_m_;                                                                       \
+        tu_max_errors((got), (want), (n), &tu_e_, &tu_m_);                                         \
+        double tu_tol_ = (rel)*tu_m_ + (abs_floor);                                                \
+        if (!(tu_e_ <= tu_tol_))                                                                   \
+            fail_msg("%s vs %s: max abs err %.3g > tol %.3g (max |want| %.3g)", #got, #want,       \
+                     tu_e_, tu_tol_, tu_m_);                                                       \
     } while (0)
 
 #endif
