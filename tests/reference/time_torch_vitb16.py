@@ -20,14 +20,17 @@ def main():
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32, TF32 off)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                            num_attention_heads=12, image_size=224, patch_size=16,
                            projection_dim=512, hidden_act="quick_gelu")
-    model = CLIPVisionModelWithProjection(cfg).eval()
-    px = torch.randn(1, 3, args.size, args.size)
+    model = CLIPVisionModelWithProjection(cfg).eval().to(args.device)
+    px = torch.randn(1, 3, args.size, args.size, device=args.device)
     interp = args.size != cfg.image_size
 
     def forward():
@@ -35,6 +38,8 @@ def main():
             out = model.vision_model(pixel_values=px, interpolate_pos_encoding=interp)
             dense = model.visual_projection(model.vision_model.post_layernorm(out.last_hidden_state))
             pooled = model.visual_projection(out.pooler_output)
+        if args.device != "cpu":
+            torch.cuda.synchronize()
         return dense, pooled
 
     for _ in range(args.warmup):
@@ -44,7 +49,7 @@ def main():
         t0 = time.perf_counter()
         forward()
         times.append(time.perf_counter() - t0)
-    print(f"torch {torch.__version__} threads={args.threads} ViT-B/16 {args.size}x{args.size}: "
+    print(f"torch {torch.__version__} {args.device} threads={args.threads} ViT-B/16 {args.size}x{args.size}: "
           f"median {statistics.median(times)*1e3:.1f} ms (min {min(times)*1e3:.1f}, "
           f"max {max(times)*1e3:.1f}) over {args.runs} runs")
 
