@@ -6,27 +6,6 @@
 
 #include "testutil.h"
 
-static char tmp_dir[256];
-
-static const char *tmp_path(const char *name) {
-    static char path[512];
-    snprintf(path, sizeof path, "%s/%s", tmp_dir, name);
-    return path;
-}
-
-static int setup_tmp(void **state) {
-    (void)state;
-    const char *base = getenv("TMPDIR");
-    snprintf(tmp_dir, sizeof tmp_dir, "%s/clhclip-st-XXXXXX", base && *base ? base : "/tmp");
-    return mkdtemp(tmp_dir) ? 0 : -1;
-}
-
-static int teardown_tmp(void **state) {
-    (void)state;
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp_dir);
-    return system(cmd) == 0 ? 0 : -1;
-}
 
 static bool same_bits(float a, float b) {
     return memcmp(&a, &b, sizeof a) == 0;
@@ -48,7 +27,7 @@ static long file_size(const char *path) {
 
 static void test_round_trip(void **state) {
     (void)state;
-    const char *path = tmp_path("round.safetensors");
+    const char *path = tu_tmp_path("round.safetensors");
     float denormal = 1e-40f;
     float a[6] = {1.5f, -2.25f, INFINITY, -0.0f, NAN, denormal};
     int64_t a_shape[2] = {2, 3};
@@ -134,7 +113,7 @@ static void test_round_trip(void **state) {
 
 static void test_save_replaces_existing(void **state) {
     (void)state;
-    const char *path = tmp_path("replace.safetensors");
+    const char *path = tu_tmp_path("replace.safetensors");
     write_bytes(path, "old contents", 12);
     float v = 7.0f;
     int64_t shape[1] = {1};
@@ -157,7 +136,7 @@ static void test_save_replaces_existing(void **state) {
 /* A failed save (rename onto a directory) reports IO, keeps the target, removes the temp. */
 static void test_save_failure_keeps_target(void **state) {
     (void)state;
-    const char *dir = tmp_path("is_a_dir");
+    const char *dir = tu_tmp_path("is_a_dir");
     assert_int_equal(mkdir(dir, 0755), 0);
     char keep[600];
     snprintf(keep, sizeof keep, "%s/keep.txt", dir);
@@ -173,7 +152,7 @@ static void test_save_failure_keeps_target(void **state) {
     snprintf(tmp, sizeof tmp, "%s.tmp.%ld", dir, (long)getpid());
     assert_int_equal(access(tmp, F_OK), -1);
 
-    TU_FAILS(clh_st_writer_save(w, tmp_path("no/such/dir/x.safetensors")), CLH_ERR_IO,
+    TU_FAILS(clh_st_writer_save(w, tu_tmp_path("no/such/dir/x.safetensors")), CLH_ERR_IO,
              "no/such/dir");
     clh_st_writer_free(w);
 }
@@ -398,7 +377,7 @@ static void test_malformed_headers(void **state) {
         {-1, "{\"__metadata__\":[]}", 0, "__metadata__"},
         {-1, "{\"a\":[1]}", 0, "not a JSON object"},
     };
-    const char *path = tmp_path("bad.safetensors");
+    const char *path = tu_tmp_path("bad.safetensors");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         write_st(path, cases[i].len, cases[i].header, cases[i].data);
         clh_st_file *f = (clh_st_file *)1;
@@ -418,7 +397,7 @@ static void test_malformed_headers(void **state) {
 
 static void test_truncated_files(void **state) {
     (void)state;
-    const char *path = tmp_path("short.safetensors");
+    const char *path = tu_tmp_path("short.safetensors");
     write_bytes(path, "", 0);
     clh_st_file *f;
     TU_FAILS(clh_st_open(path, &f), CLH_ERR_FORMAT, "truncated");
@@ -450,5 +429,5 @@ int main(void) {
         cmocka_unit_test(test_malformed_headers),
         cmocka_unit_test(test_truncated_files),
     };
-    return cmocka_run_group_tests(tests, setup_tmp, teardown_tmp);
+    return cmocka_run_group_tests(tests, tu_setup_tmp, tu_teardown_tmp);
 }

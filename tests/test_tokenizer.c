@@ -11,27 +11,6 @@
 
 #define TINY "tokenizer/tiny_merges.txt"
 
-static char tmp_dir[256];
-
-static const char *tmp_path(const char *name) {
-    static char path[512];
-    snprintf(path, sizeof path, "%s/%s", tmp_dir, name);
-    return path;
-}
-
-static int setup_tmp(void **state) {
-    (void)state;
-    const char *base = getenv("TMPDIR");
-    snprintf(tmp_dir, sizeof tmp_dir, "%s/clhclip-tok-XXXXXX", base && *base ? base : "/tmp");
-    return mkdtemp(tmp_dir) ? 0 : -1;
-}
-
-static int teardown_tmp(void **state) {
-    (void)state;
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp_dir);
-    return system(cmd) == 0 ? 0 : -1;
-}
 
 static double now_ms(void) {
     struct timespec ts;
@@ -551,12 +530,12 @@ static void test_missing_files(void **state) {
     clh_tokenizer *tok = (clh_tokenizer *)1;
     TU_FAILS(clh_tokenizer_load("no/such/bpe.txt.gz", &tok), CLH_ERR_IO, "no/such/bpe.txt.gz");
     assert_null(tok);
-    TU_FAILS(clh_tokenizer_load(tmp_dir, &tok), CLH_ERR_IO, tmp_dir);
+    TU_FAILS(clh_tokenizer_load(tu_tmp_dir_, &tok), CLH_ERR_IO, tu_tmp_dir_);
     assert_non_null(strstr(clh_last_error(), "vocab.json"));
 
     /* vocab.json without merges.txt beside it, as a directory and as a file path. */
     char dir[600], vocab[700];
-    snprintf(dir, sizeof dir, "%s/hf_no_merges", tmp_dir);
+    snprintf(dir, sizeof dir, "%s/hf_no_merges", tu_tmp_dir_);
     assert_int_equal(mkdir(dir, 0700), 0);
     size_t size;
     char *json = read_all(tu_fixture("tokenizer/tiny_hf/vocab.json"), &size);
@@ -569,7 +548,7 @@ static void test_missing_files(void **state) {
 
 static void expect_format_error(const char *name, const void *data, size_t size,
                                 const char *needle) {
-    const char *path = tmp_path(name);
+    const char *path = tu_tmp_path(name);
     write_bytes(path, data, size);
     clh_tokenizer *tok = NULL;
     TU_FAILS(clh_tokenizer_load(path, &tok), CLH_ERR_FORMAT, needle);
@@ -606,7 +585,7 @@ static void test_corrupt_openai_files(void **state) {
 static void test_corrupt_hf_files(void **state) {
     (void)state;
     char dir[600], path[700];
-    snprintf(dir, sizeof dir, "%s/hf_bad", tmp_dir);
+    snprintf(dir, sizeof dir, "%s/hf_bad", tu_tmp_dir_);
     assert_int_equal(mkdir(dir, 0700), 0);
     snprintf(path, sizeof path, "%s/merges.txt", dir);
     write_bytes(path, "#version: 0.2\nt h\n", 18);
@@ -710,7 +689,7 @@ static void test_real_vocab_plain_txt(void **state) {
     TU_SHARED_OR_SKIP(path, "bpe_simple_vocab_16e6.txt.gz");
     gzFile in = gzopen(path, "rb");
     assert_non_null(in);
-    FILE *out = fopen(tmp_path("bpe_simple_vocab_16e6.txt"), "wb");
+    FILE *out = fopen(tu_tmp_path("bpe_simple_vocab_16e6.txt"), "wb");
     assert_non_null(out);
     char buf[1 << 16];
     int got;
@@ -719,7 +698,7 @@ static void test_real_vocab_plain_txt(void **state) {
     assert_int_equal(got, 0);
     gzclose(in);
     fclose(out);
-    clh_tokenizer *tok = load_ok(tmp_path("bpe_simple_vocab_16e6.txt"));
+    clh_tokenizer *tok = load_ok(tu_tmp_path("bpe_simple_vocab_16e6.txt"));
     assert_int_equal(clh_tokenizer_vocab_size(tok), 49408);
     check_shared_goldens(tok);
     clh_tokenizer_free(tok);
@@ -825,5 +804,5 @@ int main(void) {
         cmocka_unit_test(test_reference_fuzz),
         cmocka_unit_test(test_ade847_speed),
     };
-    return cmocka_run_group_tests(tests, setup_tmp, teardown_tmp);
+    return cmocka_run_group_tests(tests, tu_setup_tmp, tu_teardown_tmp);
 }

@@ -47,6 +47,31 @@ static inline const char *tu_fixture(const char *rel) {
     return path;
 }
 
+/* A private temporary directory per test binary: tu_setup_tmp / tu_teardown_tmp as the
+ * group setup/teardown, tu_tmp_path(name) for files inside it. */
+static char tu_tmp_dir_[256];
+
+static inline const char *tu_tmp_path(const char *name) {
+    static char path[512];
+    snprintf(path, sizeof path, "%s/%s", tu_tmp_dir_, name);
+    return path;
+}
+
+static inline int tu_setup_tmp(void **state) {
+    (void)state;
+    const char *base = getenv("TMPDIR");
+    snprintf(tu_tmp_dir_, sizeof tu_tmp_dir_, "%s/clhclip-test-XXXXXX",
+             base && *base ? base : "/tmp");
+    return mkdtemp(tu_tmp_dir_) ? 0 : -1;
+}
+
+static inline int tu_teardown_tmp(void **state) {
+    (void)state;
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tu_tmp_dir_);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
 /* One context per test binary; tests skip when no OpenCL device exists. */
 static clh_ctx *tu_ctx_;
 static inline clh_ctx *tu_ctx(void) {
