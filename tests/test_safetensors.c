@@ -6,7 +6,6 @@
 
 #include "testutil.h"
 
-
 static bool same_bits(float a, float b) {
     return memcmp(&a, &b, sizeof a) == 0;
 }

@@ -11,7 +11,6 @@
 
 #define TINY "tokenizer/tiny_merges.txt"
 
-
 static double now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
