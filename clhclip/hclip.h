@@ -160,8 +160,10 @@ clh_status clh_adamw_add_group(clh_adamw *opt, const clh_adamw_config *config, i
 clh_adamw_config *clh_adamw_group_config(clh_adamw *opt, int group);
 /* Register a parameter (retains param and grad). */
 clh_status clh_adamw_add_param(clh_adamw *opt, int group, clh_tensor *param, clh_tensor *grad);
-/* Global L2 norm of all gradients; when max_norm > 0 and the norm exceeds it, scale all
- * gradients by max_norm / norm. *norm receives the norm before clipping (may be NULL). */
+/* Global L2 norm of all gradients (as torch.nn.utils.clip_grad_norm_): when max_norm > 0
+ * and max_norm / (norm + 1e-6) < 1, all gradients are scaled by that factor. A non-finite
+ * norm leaves the gradients alone (the caller can skip the step). *norm receives the norm
+ * before clipping (may be NULL). */
 clh_status clh_adamw_clip_grad_norm(clh_adamw *opt, float max_norm, double *norm);
 /* One step with each group's lr multiplied by lr_scale (schedules); t increments. */
 clh_status clh_adamw_step(clh_adamw *opt, float lr_scale);
@@ -174,6 +176,98 @@ clh_adamw_param *clh_adamw_param_at(clh_adamw *opt, int i);
 /* Cosine schedule multiplier for step t (0-based) of total: linear warm-up from 0 over
  * warmup steps, then 0.5 (1 + cos(pi * (t - warmup) / (total - warmup))), ending at 0. */
 float clh_cosine_schedule(long t, long total, long warmup);
+
+/* ------------------------------------------------------------------ H-CLIP model */
+
+/* Where the Cayley map (orthogonality) applies (hclip-spec 3-4; the released code: text). */
+typedef enum clh_ortho {
+    CLH_ORTHO_TEXT = 0,
+    CLH_ORTHO_BOTH = 1,
+    CLH_ORTHO_NONE = 2,
+    CLH_ORTHO_VISION = 3,
+} clh_ortho;
+
+typedef struct clh_hclip_options {
+    int block_size;      /* q; 0: 128. Both tower widths must be multiples of it. */
+    clh_ortho ortho;     /* default CLH_ORTHO_TEXT */
+    int no_modality_map; /* 1: A_l fixed to I (not trainable) */
+    int no_layer_map;    /* 1: B fixed to I (not trainable) */
+    int recompute;       /* 1: keep only block inputs, recompute blocks in the backward */
+} clh_hclip_options;
+
+typedef struct clh_hclip clh_hclip;
+
+/* Adapters on a loaded CLIP (which must outlive them), initialised to the identity:
+ * P blocks of orthogonal towers 0 (Cayley(0) = I), of unconstrained towers I; A_l = I,
+ * B = I. The adapted model's outputs then equal the plain model's. */
+clh_status clh_hclip_new(clh_clip *base, const clh_hclip_options *options, clh_hclip **out);
+void clh_hclip_free(clh_hclip *h);
+const clh_dcrc_layout *clh_hclip_layout(const clh_hclip *h);
+const clh_hclip_options *clh_hclip_get_options(const clh_hclip *h);
+clh_clip *clh_hclip_base(const clh_hclip *h);
+/* Trainable tensors, in order "hclip.P" [q,q,S,M], "hclip.A" [L,M,M], "hclip.B" [S,S]
+ * (A/B left out when switched off), with their gradients (borrowed references). */
+int clh_hclip_num_params(const clh_hclip *h);
+clh_status clh_hclip_param(clh_hclip *h, int i, const char **name, clh_tensor **param,
+                           clh_tensor **grad);
+clh_status clh_hclip_zero_grad(clh_hclip *h);
+/* Rebuild the block transforms from P, A, B: call after changing them (optimiser step,
+ * loading). */
+clh_status clh_hclip_update(clh_hclip *h);
+/* The current transforms [n_blocks, q, q] in the raw-block order of clh_dcrc_num_blocks. */
+const clh_tensor *clh_hclip_blocks(const clh_hclip *h);
+
+/* Forward with the adapted weights. With train != 0 it keeps what clh_hclip_backward
+ * needs (one pending forward per tower; a new training forward replaces the old one).
+ * Image and text are independent: pass pixels == NULL or n_text == 0 to skip a tower. */
+clh_status clh_hclip_forward(clh_hclip *h, int train, const clh_tensor *pixels,
+                             const clh_image_request *request, clh_image_outputs *image,
+                             const int32_t *ids, int n_text, int context, clh_tensor **text);
+/* Backward from the gradients of the outputs of the last training forward (each may be
+ * NULL: zero; d_hooks[i] belongs to request->hooks[i]), accumulated into the parameter
+ * gradients. Releases the saved activations. */
+clh_status clh_hclip_backward(clh_hclip *h, const clh_tensor *d_pooled, const clh_tensor *d_dense,
+                              const clh_tensor *const *d_hooks, const clh_tensor *d_text);
+/* Write the adapted CLIP as plain CLIP weights (W·BD, BD·W folded in) with HF names into
+ * dir/model.safetensors plus dir/config.json. */
+clh_status clh_hclip_export_folded(clh_hclip *h, const char *dir);
+
+/* Training state saved with a checkpoint besides the tensors. */
+typedef struct clh_train_state {
+    long step;
+    clh_rng rng;
+} clh_train_state;
+
+/* One safetensors file (written atomically: temporary file, fsync, rename) holding P, A, B,
+ * the AdamW state of opt (may be NULL) and metadata: format and version, the adapter and
+ * model configuration, step, RNG state, optimiser step count and group settings, and the
+ * hash of the base weights. extra_json (may be NULL) is stored as metadata "extra". */
+clh_status clh_hclip_save_checkpoint(clh_hclip *h, clh_adamw *opt, const clh_train_state *state,
+                                     const char *extra_json, const char *path);
+/* Restore P, A, B (and opt's state when given, and *state when non-NULL), then
+ * clh_hclip_update. A checkpoint made for other base weights or another adapter
+ * configuration is CLH_ERR_INVALID_ARGUMENT with a message naming the difference. */
+clh_status clh_hclip_load_checkpoint(clh_hclip *h, clh_adamw *opt, clh_train_state *state,
+                                     const char *path);
+
+/* Hyperspherical-energy term (hclip-spec 4): lambda * |HE(W') - HE(W)| summed over the
+ * q, k, v (HE over rows: W' = W·BD rotates rows) and out-proj (HE over columns) weights of
+ * the chosen layers and towers; added by clh_hclip_backward with its gradient through the
+ * adapters. The released code has no such term (lambda = 0, the default). */
+typedef struct clh_he_options {
+    float lambda;                /* 0: off */
+    float s;                     /* Riesz s-energy; 0: log energy */
+    int text, vision;            /* towers included */
+    int first_layer, last_layer; /* inclusive range; last_layer < 0: up to the last layer */
+} clh_he_options;
+
+clh_status clh_hclip_set_he_loss(clh_hclip *h, const clh_he_options *options);
+/* Value of the term at the last clh_hclip_backward (0 when off). */
+double clh_hclip_he_loss(const clh_hclip *h);
+/* Relative drift (HE(W') - HE(W)) / HE(W) for every tower, layer and matrix with the
+ * current adapters: drift[(tower * layers_max + l) * 4 + t], tower 0 text / 1 vision,
+ * layers_max = max(text_layers, vision_layers); unused entries are 0. */
+clh_status clh_hclip_he_drift(clh_hclip *h, float s, double *drift);
 
 #ifdef __cplusplus
 }
