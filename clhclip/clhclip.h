@@ -361,6 +361,9 @@ clh_status clh_clip_load(clh_ctx *ctx, const char *path, clh_clip **out);
 void clh_clip_free(clh_clip *model);
 const clh_clip_config *clh_clip_get_config(const clh_clip *model);
 clh_ctx *clh_clip_ctx(const clh_clip *model);
+/* 64-bit hash of all weights as loaded (fp32 values, in a fixed order independent of the
+ * file's naming style): identifies the base model a checkpoint belongs to. */
+uint64_t clh_clip_weights_hash(const clh_clip *model);
 
 typedef struct clh_image_request {
     int want_pooled;      /* pooled: ln_post(CLS) @ proj -> [N, P] */

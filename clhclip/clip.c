@@ -6,129 +6,74 @@
 
 #include "clip_internal.h"
 
-/* Workspace tensors of one scope, released together. */
-typedef struct scratch {
-    clh_tensor *t[48];
-    int n;
-} scratch;
+/* Block l of a tower, recording what the tape asks for. */
+static clh_status run_block(clh_ctx *ctx, const clip_layer *layers, const clh_clip_tower_config *t,
+                            int l, clh_tensor *x, int causal, clip_tower_tape *tape) {
+    const clip_adapter *ad = tape && tape->ad ? &tape->ad[l] : NULL;
+    if (!tape || !tape->record)
+        return clip_block_forward(ctx, &layers[l], t, ad, x, causal, NULL);
+    tape->ran[l] = 1;
+    if (!tape->recompute)
+        return clip_block_forward(ctx, &layers[l], t, ad, x, causal, &tape->acts[l]);
+    CLH_TRY(clh_ws_tensor(ctx, clh_tensor_ndim(x), clh_tensor_shape(x), &tape->x_in[l]));
+    CLH_TRY(clh_tensor_copy(tape->x_in[l], x));
+    return clip_block_forward(ctx, &layers[l], t, ad, x, causal, NULL);
+}
 
-static clh_status keep(clh_ctx *ctx, scratch *s, clh_tensor *t) {
-    if (s->n == (int)(sizeof s->t / sizeof *s->t)) {
-        clh_tensor_release(t);
-        return clh_fail(ctx, CLH_ERR_OUT_OF_MEMORY, "CLIP forward: scratch list full");
+static clh_status run_dense_block(clh_ctx *ctx, const clip_layer *layers,
+                                  const clh_clip_tower_config *t, int l, const clh_tensor *x,
+                                  clh_tensor *y, clip_tower_tape *tape) {
+    const clip_adapter *ad = tape && tape->ad ? &tape->ad[l] : NULL;
+    int record = tape && tape->record;
+    if (record)
+        tape->catseg = 1;
+    return clip_dense_block_forward(ctx, &layers[l], t, ad, x, y, record ? &tape->dense : NULL);
+}
+
+/* Keep a reference to t in tape->field when recording. */
+#define TAPE_KEEP(tape, field, t)                                                                  \
+    do {                                                                                           \
+        if ((tape) && (tape)->record) {                                                            \
+            clh_tensor_retain(t);                                                                  \
+            (tape)->field = (t);                                                                   \
+        }                                                                                          \
+    } while (0)
+
+void clip_tower_tape_release(clip_tower_tape *tape) {
+    for (int l = 0; l < tape->layers; l++) {
+        if (tape->acts)
+            clip_block_acts_release(&tape->acts[l]);
+        if (tape->x_in)
+            clh_tensor_release(tape->x_in[l]);
     }
-    s->t[s->n++] = t;
+    clip_block_acts_release(&tape->dense);
+    clh_tensor_release(tape->dense_src);
+    clh_tensor_release(tape->cls);
+    clh_tensor_release(tape->pooled);
+    free(tape->acts);
+    free(tape->x_in);
+    free(tape->ran);
+    free(tape->pool_rows);
+    const clip_adapter *ad = tape->ad;
+    int record = tape->record, recompute = tape->recompute;
+    memset(tape, 0, sizeof *tape);
+    tape->ad = ad;
+    tape->record = record;
+    tape->recompute = recompute;
+}
+
+/* Per-layer arrays of a recording tape. */
+static clh_status tape_begin(clh_ctx *ctx, clip_tower_tape *tape, int layers) {
+    if (!tape || !tape->record)
+        return CLH_OK;
+    clip_tower_tape_release(tape);
+    tape->layers = layers;
+    tape->acts = calloc((size_t)layers, sizeof *tape->acts);
+    tape->x_in = calloc((size_t)layers, sizeof *tape->x_in);
+    tape->ran = calloc((size_t)layers, sizeof *tape->ran);
+    if (!tape->acts || !tape->x_in || !tape->ran)
+        return clh_fail(ctx, CLH_ERR_OUT_OF_MEMORY, "training tape: out of host memory");
     return CLH_OK;
-}
-
-static void release_all(scratch *s) {
-    for (int i = 0; i < s->n; i++)
-        clh_tensor_release(s->t[i]);
-    s->n = 0;
-}
-
-static clh_status ws2(clh_ctx *ctx, scratch *s, int64_t a, int64_t b, clh_tensor **out) {
-    int64_t shape[2] = {a, b};
-    CLH_TRY(clh_ws_tensor(ctx, 2, shape, out));
-    return keep(ctx, s, *out);
-}
-
-static clh_status ws3(clh_ctx *ctx, scratch *s, int64_t a, int64_t b, int64_t c, clh_tensor **out) {
-    int64_t shape[3] = {a, b, c};
-    CLH_TRY(clh_ws_tensor(ctx, 3, shape, out));
-    return keep(ctx, s, *out);
-}
-
-/* [N, L, D] viewed as [N*L, D] (and back). */
-static clh_status as2(clh_ctx *ctx, scratch *s, clh_tensor *t, clh_tensor **out) {
-    int64_t last = clh_tensor_dim(t, -1);
-    int64_t shape[2] = {(int64_t)clh_tensor_numel(t) / last, last};
-    CLH_TRY(clh_tensor_view(t, 0, 2, shape, out));
-    return keep(ctx, s, *out);
-}
-
-static clh_status activate(clh_ctx *ctx, clh_activation act, clh_tensor *x) {
-    return act == CLH_ACT_GELU ? clh_gelu(ctx, x, x) : clh_quick_gelu(ctx, x, x);
-}
-
-/* x2[R, D] += fc2(act(fc1(LN2(x2)))) */
-static clh_status mlp_residual(clh_ctx *ctx, scratch *s, const clip_layer *L,
-                               const clh_clip_tower_config *t, clh_tensor *x2) {
-    int64_t rows = clh_tensor_dim(x2, 0);
-    clh_tensor *h, *m, *o;
-    CLH_TRY(ws2(ctx, s, rows, t->hidden, &h));
-    CLH_TRY(ws2(ctx, s, rows, t->intermediate, &m));
-    CLH_TRY(ws2(ctx, s, rows, t->hidden, &o));
-    CLH_TRY(clh_layer_norm(ctx, x2, L->ln2_w, L->ln2_b, t->eps, h));
-    CLH_TRY(clh_linear(ctx, h, L->fc1_w, L->fc1_b, m));
-    CLH_TRY(activate(ctx, t->act, m));
-    CLH_TRY(clh_linear(ctx, m, L->fc2_w, L->fc2_b, o));
-    return clh_add(ctx, x2, o, x2);
-}
-
-/* One pre-LN block in place on x [N, T, D]. */
-static clh_status block_body(clh_ctx *ctx, scratch *s, const clip_layer *L,
-                             const clh_clip_tower_config *t, clh_tensor *x, int causal) {
-    int64_t n = clh_tensor_dim(x, 0), len = clh_tensor_dim(x, 1), d = t->hidden;
-    clh_tensor *x2, *h, *qkv[3], *qkv2[3], *a, *a2, *o;
-    CLH_TRY(as2(ctx, s, x, &x2));
-    CLH_TRY(ws2(ctx, s, n * len, d, &h));
-    CLH_TRY(clh_layer_norm(ctx, x2, L->ln1_w, L->ln1_b, t->eps, h));
-    for (int i = 0; i < 3; i++) {
-        CLH_TRY(ws3(ctx, s, n, len, d, &qkv[i]));
-        CLH_TRY(as2(ctx, s, qkv[i], &qkv2[i]));
-        CLH_TRY(clh_linear(ctx, h, L->w[i], L->b[i], qkv2[i]));
-    }
-    CLH_TRY(ws3(ctx, s, n, len, d, &a));
-    CLH_TRY(clh_attention(ctx, qkv[0], qkv[1], qkv[2], t->heads, causal, a));
-    CLH_TRY(as2(ctx, s, a, &a2));
-    CLH_TRY(ws2(ctx, s, n * len, d, &o));
-    CLH_TRY(clh_linear(ctx, a2, L->w[3], L->b[3], o));
-    CLH_TRY(clh_add(ctx, x2, o, x2));
-    return mlp_residual(ctx, s, L, t, x2);
-}
-
-static clh_status run_block(clh_ctx *ctx, const clip_layer *L, const clh_clip_tower_config *t,
-                            clh_tensor *x, int causal) {
-    size_t mark = clh_ws_mark(ctx);
-    scratch s = {0};
-    clh_status st = block_body(ctx, &s, L, t, x, causal);
-    release_all(&s);
-    clh_ws_reset(ctx, mark);
-    return st;
-}
-
-/* CAT-Seg's dense last block (hclip-spec 2.3): no attention; the value stream goes
- * through out_proj, the CLS token of the block input is added to every token as the
- * residual, then the usual MLP residual. y [N, T, D] must not alias x. */
-static clh_status dense_block_body(clh_ctx *ctx, scratch *s, const clip_layer *L,
-                                   const clh_clip_tower_config *t, const clh_tensor *x,
-                                   clh_tensor *y) {
-    int64_t n = clh_tensor_dim(x, 0), len = clh_tensor_dim(x, 1), d = t->hidden;
-    clh_tensor *x2, *y2, *h, *v;
-    CLH_TRY(as2(ctx, s, (clh_tensor *)x, &x2));
-    CLH_TRY(as2(ctx, s, y, &y2));
-    CLH_TRY(ws2(ctx, s, n * len, d, &h));
-    CLH_TRY(ws2(ctx, s, n * len, d, &v));
-    CLH_TRY(clh_layer_norm(ctx, x2, L->ln1_w, L->ln1_b, t->eps, h));
-    CLH_TRY(clh_linear(ctx, h, L->w[2], L->b[2], v));
-    CLH_TRY(clh_linear(ctx, v, L->w[3], L->b[3], y2));
-    int ni = (int)n, li = (int)len, di = (int)d, src_len = (int)len, token = 0;
-    size_t global[1] = {(size_t)(n * len * d)};
-    clh_karg args[] = {CLH_KTENSOR(y), CLH_KARG(ni),      CLH_KARG(li),   CLH_KARG(di),
-                       CLH_KTENSOR(x), CLH_KARG(src_len), CLH_KARG(token)};
-    CLH_TRY(clh_launch(ctx, "clip_add_token_broadcast", 1, global, NULL, 9, args));
-    return mlp_residual(ctx, s, L, t, y2);
-}
-
-static clh_status run_dense_block(clh_ctx *ctx, const clip_layer *L, const clh_clip_tower_config *t,
-                                  const clh_tensor *x, clh_tensor *y) {
-    size_t mark = clh_ws_mark(ctx);
-    scratch s = {0};
-    clh_status st = dense_block_body(ctx, &s, L, t, x, y);
-    release_all(&s);
-    clh_ws_reset(ctx, mark);
-    return st;
 }
 
 /* ------------------------------------------------------------------ vision */
@@ -214,36 +159,37 @@ static clh_status place_tokens(clh_ctx *ctx, const clh_tensor *cls, clh_tensor *
 }
 
 /* x [N, 1+G, D] = [class_emb ; patch_embed(pixels)] + positions, then ln_pre. */
-static clh_status vision_embed(clh_clip *m, scratch *s, const clh_tensor *pixels, int gh, int gw,
-                               clh_tensor *x) {
+static clh_status vision_embed(clh_clip *m, clip_scratch *s, const clh_tensor *pixels, int gh,
+                               int gw, clh_tensor *x) {
     clh_ctx *ctx = m->ctx;
     int64_t n = clh_tensor_dim(pixels, 0), d = m->cfg.vision.hidden, g = (int64_t)gh * gw;
     clh_tensor *patches, *pos = NULL, *x2;
-    CLH_TRY(ws3(ctx, s, n, g, d, &patches));
+    CLH_TRY(clip_ws3(ctx, s, n, g, d, &patches));
     CLH_TRY(clh_patch_embed(ctx, pixels, m->patch_w, patches));
     for (int64_t i = 0; i < n; i++)
         CLH_TRY(place_tokens(ctx, m->class_emb, patches, x, i, g, d));
     CLH_TRY(resized_positions(m, gh, gw, &pos));
     CLH_TRY(clh_add_rows(ctx, x, pos));
-    CLH_TRY(as2(ctx, s, x, &x2));
+    CLH_TRY(clip_as2(ctx, s, x, &x2));
     return clh_layer_norm(ctx, x2, m->pre_ln_w, m->pre_ln_b, m->cfg.vision.eps, x2);
 }
 
 /* out [rows, P] = ln_post(x2 [rows, D]) @ proj^T, into a new tensor. */
-static clh_status post_project(clh_clip *m, scratch *s, const clh_tensor *x2, int ndim,
+static clh_status post_project(clh_clip *m, clip_scratch *s, const clh_tensor *x2, int ndim,
                                const int64_t *out_shape, clh_tensor **out) {
     clh_ctx *ctx = m->ctx;
     int64_t rows = clh_tensor_dim(x2, 0), proj2[2] = {rows, m->cfg.projection_dim};
     clh_tensor *h, *y2;
-    CLH_TRY(ws2(ctx, s, rows, m->cfg.vision.hidden, &h));
+    CLH_TRY(clip_ws2(ctx, s, rows, m->cfg.vision.hidden, &h));
     CLH_TRY(clh_layer_norm(ctx, x2, m->post_ln_w, m->post_ln_b, m->cfg.vision.eps, h));
     CLH_TRY(clh_tensor_new(ctx, ndim, out_shape, out));
     CLH_TRY(clh_tensor_view(*out, 0, 2, proj2, &y2));
-    CLH_TRY(keep(ctx, s, y2));
+    CLH_TRY(clip_keep(ctx, s, y2));
     return clh_linear(ctx, h, m->vis_proj, NULL, y2);
 }
 
-static clh_status pooled_output(clh_clip *m, scratch *s, clh_tensor *x, clh_tensor **out) {
+static clh_status pooled_output(clh_clip *m, clip_scratch *s, clh_tensor *x, clh_tensor **out,
+                                clip_tower_tape *tape) {
     clh_ctx *ctx = m->ctx;
     int64_t n = clh_tensor_dim(x, 0), len = clh_tensor_dim(x, 1);
     int32_t *index = malloc((size_t)n * sizeof *index);
@@ -252,20 +198,23 @@ static clh_status pooled_output(clh_clip *m, scratch *s, clh_tensor *x, clh_tens
     for (int64_t i = 0; i < n; i++)
         index[i] = (int32_t)(i * len);
     clh_tensor *x2, *cls;
-    clh_status st = as2(ctx, s, x, &x2);
+    clh_status st = clip_as2(ctx, s, x, &x2);
     if (st == CLH_OK)
-        st = ws2(ctx, s, n, m->cfg.vision.hidden, &cls);
+        st = clip_ws2(ctx, s, n, m->cfg.vision.hidden, &cls);
     if (st == CLH_OK)
         st = clh_gather_rows(ctx, x2, index, (size_t)n, cls);
     free(index);
     CLH_TRY(st);
+    TAPE_KEEP(tape, cls, cls);
     int64_t shape[2] = {n, m->cfg.projection_dim};
     return post_project(m, s, cls, 2, shape, out);
 }
 
-static clh_status dense_output(clh_clip *m, scratch *s, clh_tensor *x, clh_tensor **out) {
+static clh_status dense_output(clh_clip *m, clip_scratch *s, clh_tensor *x, clh_tensor **out,
+                               clip_tower_tape *tape) {
     clh_tensor *x2;
-    CLH_TRY(as2(m->ctx, s, x, &x2));
+    TAPE_KEEP(tape, dense_src, x);
+    CLH_TRY(clip_as2(m->ctx, s, x, &x2));
     int64_t shape[3] = {clh_tensor_dim(x, 0), clh_tensor_dim(x, 1), m->cfg.projection_dim};
     return post_project(m, s, x2, 3, shape, out);
 }
@@ -312,48 +261,65 @@ static clh_status save_hooks(clh_clip *m, const clh_image_request *req, int laye
     return CLH_OK;
 }
 
-static clh_status encode_image_body(clh_clip *m, scratch *s, const clh_tensor *pixels,
-                                    const clh_image_request *req, clh_image_outputs *out) {
+static clh_status encode_image_body(clh_clip *m, clip_scratch *s, const clh_tensor *pixels,
+                                    const clh_image_request *req, clh_image_outputs *out,
+                                    clip_tower_tape *tape) {
     clh_ctx *ctx = m->ctx;
     int p = m->cfg.patch_size, layers = m->cfg.vision.layers;
     int gh = (int)clh_tensor_dim(pixels, 2) / p, gw = (int)clh_tensor_dim(pixels, 3) / p;
     int64_t n = clh_tensor_dim(pixels, 0), len = 1 + (int64_t)gh * gw;
     clh_tensor *x, *dense_x = NULL;
-    CLH_TRY(ws3(ctx, s, n, len, m->cfg.vision.hidden, &x));
+    CLH_TRY(tape_begin(ctx, tape, layers));
+    CLH_TRY(clip_ws3(ctx, s, n, len, m->cfg.vision.hidden, &x));
     CLH_TRY(vision_embed(m, s, pixels, gh, gw, x));
     int catseg = req->want_dense && req->dense_last_layer;
     for (int l = 0; l < layers; l++) {
         if (l == layers - 1 && catseg) {
-            CLH_TRY(ws3(ctx, s, n, len, m->cfg.vision.hidden, &dense_x));
-            CLH_TRY(run_dense_block(ctx, &m->vis_layers[l], &m->cfg.vision, x, dense_x));
+            CLH_TRY(clip_ws3(ctx, s, n, len, m->cfg.vision.hidden, &dense_x));
+            CLH_TRY(run_dense_block(ctx, m->vis_layers, &m->cfg.vision, l, x, dense_x, tape));
             if (!req->want_pooled && !req->n_hooks)
                 break;
         }
-        CLH_TRY(run_block(ctx, &m->vis_layers[l], &m->cfg.vision, x, 0));
+        CLH_TRY(run_block(ctx, m->vis_layers, &m->cfg.vision, l, x, 0, tape));
         CLH_TRY(save_hooks(m, req, l, x, out));
     }
     if (req->want_pooled)
-        CLH_TRY(pooled_output(m, s, x, &out->pooled));
+        CLH_TRY(pooled_output(m, s, x, &out->pooled, tape));
     if (req->want_dense)
-        CLH_TRY(dense_output(m, s, catseg ? dense_x : x, &out->dense));
+        CLH_TRY(dense_output(m, s, catseg ? dense_x : x, &out->dense, tape));
+    if (tape && tape->record) {
+        tape->n = n;
+        tape->len = len;
+    }
     return CLH_OK;
 }
 
-clh_status clh_clip_encode_image(clh_clip *m, const clh_tensor *pixels,
-                                 const clh_image_request *req, clh_image_outputs *out) {
+clh_status clip_encode_image_taped(clh_clip *m, const clh_tensor *pixels,
+                                   const clh_image_request *req, clh_image_outputs *out,
+                                   clip_tower_tape *tape) {
     if (!m || !out)
         return clh_fail(m ? m->ctx : NULL, CLH_ERR_INVALID_ARGUMENT,
                         "clh_clip_encode_image: NULL argument");
     memset(out, 0, sizeof *out);
     CLH_TRY(check_image_request(m, pixels, req));
+    int record = tape && tape->record;
     size_t mark = clh_ws_mark(m->ctx);
-    scratch s = {0};
-    clh_status st = encode_image_body(m, &s, pixels, req, out);
-    release_all(&s);
-    clh_ws_reset(m->ctx, mark);
-    if (st != CLH_OK)
+    clip_scratch s = {0};
+    clh_status st = encode_image_body(m, &s, pixels, req, out, tape);
+    clip_release_all(&s);
+    if (!record || st != CLH_OK)
+        clh_ws_reset(m->ctx, mark);
+    if (st != CLH_OK) {
         clh_image_outputs_release(out);
+        if (record)
+            clip_tower_tape_release(tape);
+    }
     return st;
+}
+
+clh_status clh_clip_encode_image(clh_clip *m, const clh_tensor *pixels,
+                                 const clh_image_request *req, clh_image_outputs *out) {
+    return clip_encode_image_taped(m, pixels, req, out, NULL);
 }
 
 void clh_image_outputs_release(clh_image_outputs *out) {
@@ -403,32 +369,35 @@ static clh_status check_text_request(clh_clip *m, const int32_t *ids, int n, int
     return CLH_OK;
 }
 
-static clh_status encode_text_body(clh_clip *m, scratch *s, const int32_t *ids, int n, int context,
-                                   int32_t *pool_rows, clh_tensor **features) {
+static clh_status encode_text_body(clh_clip *m, clip_scratch *s, const int32_t *ids, int n,
+                                   int context, int32_t *pool_rows, clh_tensor **features,
+                                   clip_tower_tape *tape) {
     clh_ctx *ctx = m->ctx;
     const clh_clip_tower_config *t = &m->cfg.text;
     int64_t rows = (int64_t)n * context, pos_shape[2] = {context, t->hidden};
     clh_tensor *x, *x2, *pos, *pooled, *h;
-    CLH_TRY(ws3(ctx, s, n, context, t->hidden, &x));
-    CLH_TRY(as2(ctx, s, x, &x2));
+    CLH_TRY(tape_begin(ctx, tape, t->layers));
+    CLH_TRY(clip_ws3(ctx, s, n, context, t->hidden, &x));
+    CLH_TRY(clip_as2(ctx, s, x, &x2));
     CLH_TRY(clh_embedding(ctx, ids, (size_t)rows, m->tok_emb, x2));
     CLH_TRY(clh_tensor_view(m->txt_pos, 0, 2, pos_shape, &pos));
-    CLH_TRY(keep(ctx, s, pos));
+    CLH_TRY(clip_keep(ctx, s, pos));
     CLH_TRY(clh_add_rows(ctx, x, pos));
     for (int l = 0; l < t->layers; l++)
-        CLH_TRY(run_block(ctx, &m->txt_layers[l], t, x, 1));
+        CLH_TRY(run_block(ctx, m->txt_layers, t, l, x, 1, tape));
     /* Layer norm is per row, so pool first and normalise only the pooled rows. */
-    CLH_TRY(ws2(ctx, s, n, t->hidden, &pooled));
-    CLH_TRY(ws2(ctx, s, n, t->hidden, &h));
+    CLH_TRY(clip_ws2(ctx, s, n, t->hidden, &pooled));
+    CLH_TRY(clip_ws2(ctx, s, n, t->hidden, &h));
     CLH_TRY(clh_gather_rows(ctx, x2, pool_rows, (size_t)n, pooled));
+    TAPE_KEEP(tape, pooled, pooled);
     CLH_TRY(clh_layer_norm(ctx, pooled, m->final_ln_w, m->final_ln_b, t->eps, h));
     int64_t out_shape[2] = {n, m->cfg.projection_dim};
     CLH_TRY(clh_tensor_new(ctx, 2, out_shape, features));
     return clh_linear(ctx, h, m->txt_proj, NULL, *features);
 }
 
-clh_status clh_clip_encode_text(clh_clip *m, const int32_t *ids, int n, int context,
-                                clh_tensor **features) {
+clh_status clip_encode_text_taped(clh_clip *m, const int32_t *ids, int n, int context,
+                                  clh_tensor **features, clip_tower_tape *tape) {
     if (!m || !features)
         return clh_fail(m ? m->ctx : NULL, CLH_ERR_INVALID_ARGUMENT,
                         "clh_clip_encode_text: NULL argument");
@@ -439,15 +408,31 @@ clh_status clh_clip_encode_text(clh_clip *m, const int32_t *ids, int n, int cont
         return clh_fail(m->ctx, CLH_ERR_OUT_OF_MEMORY, "clh_clip_encode_text: out of memory");
     for (int i = 0; i < n; i++)
         pool_rows[i] = i * context + pool_position(&m->cfg, ids + (size_t)i * context, context);
+    int record = tape && tape->record;
     size_t mark = clh_ws_mark(m->ctx);
-    scratch s = {0};
-    clh_status st = encode_text_body(m, &s, ids, n, context, pool_rows, features);
-    release_all(&s);
-    clh_ws_reset(m->ctx, mark);
+    clip_scratch s = {0};
+    clh_status st = encode_text_body(m, &s, ids, n, context, pool_rows, features, tape);
+    clip_release_all(&s);
+    if (!record || st != CLH_OK)
+        clh_ws_reset(m->ctx, mark);
+    if (st == CLH_OK && record) {
+        tape->pool_rows = pool_rows; /* the tape owns them now */
+        tape->n_pool = n;
+        tape->n = n;
+        tape->len = context;
+        pool_rows = NULL;
+    }
     free(pool_rows);
     if (st != CLH_OK) {
         clh_tensor_release(*features);
         *features = NULL;
+        if (record)
+            clip_tower_tape_release(tape);
     }
     return st;
+}
+
+clh_status clh_clip_encode_text(clh_clip *m, const int32_t *ids, int n, int context,
+                                clh_tensor **features) {
+    return clip_encode_text_taped(m, ids, n, context, features, NULL);
 }

@@ -464,6 +464,47 @@ static clh_status load_model(clh_ctx *ctx, const char *path, clh_clip *m) {
     return st;
 }
 
+/* FNV-1a over the 32-bit words of t's values. */
+static clh_status hash_tensor(const clh_tensor *t, uint64_t *hash) {
+    size_t n = clh_tensor_numel(t);
+    uint32_t *w = malloc((n ? n : 1) * sizeof *w);
+    if (!w)
+        return clh_fail(clh_tensor_ctx(t), CLH_ERR_OUT_OF_MEMORY, "weights hash: out of memory");
+    clh_status st = clh_tensor_download(t, (float *)w, n);
+    uint64_t h = *hash;
+    for (size_t i = 0; st == CLH_OK && i < n; i++)
+        h = (h ^ w[i]) * 0x100000001b3ULL;
+    *hash = h;
+    free(w);
+    return st;
+}
+
+static clh_status hash_layers(const clip_layer *layers, int n, uint64_t *hash) {
+    for (int i = 0; i < n; i++) {
+        const clip_layer *L = &layers[i];
+        const clh_tensor *all[] = {L->ln1_w, L->ln1_b, L->qkv_w, L->qkv_b, L->w[3],  L->b[3],
+                                   L->ln2_w, L->ln2_b, L->fc1_w, L->fc1_b, L->fc2_w, L->fc2_b};
+        for (size_t j = 0; j < sizeof all / sizeof *all; j++)
+            CLH_TRY(hash_tensor(all[j], hash));
+    }
+    return CLH_OK;
+}
+
+/* Hash of the weights in their device layout, so HF and OpenAI files of the same model
+ * agree. */
+static clh_status compute_weights_hash(clh_clip *m) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    const clh_tensor *all[] = {m->patch_w,    m->class_emb,  m->vis_pos,  m->pre_ln_w, m->pre_ln_b,
+                               m->post_ln_w,  m->post_ln_b,  m->vis_proj, m->tok_emb,  m->txt_pos,
+                               m->final_ln_w, m->final_ln_b, m->txt_proj};
+    for (size_t j = 0; j < sizeof all / sizeof *all; j++)
+        CLH_TRY(hash_tensor(all[j], &h));
+    CLH_TRY(hash_layers(m->vis_layers, m->cfg.vision.layers, &h));
+    CLH_TRY(hash_layers(m->txt_layers, m->cfg.text.layers, &h));
+    m->weights_hash = h;
+    return CLH_OK;
+}
+
 clh_status clh_clip_load(clh_ctx *ctx, const char *path, clh_clip **out) {
     *out = NULL;
     if (!ctx || !path)
@@ -473,6 +514,8 @@ clh_status clh_clip_load(clh_ctx *ctx, const char *path, clh_clip **out) {
         return clh_fail(ctx, CLH_ERR_OUT_OF_MEMORY, "clh_clip_load: out of host memory");
     m->ctx = ctx;
     clh_status st = load_model(ctx, path, m);
+    if (st == CLH_OK)
+        st = compute_weights_hash(m);
     if (st != CLH_OK) {
         clh_clip_free(m);
         return st;
@@ -513,6 +556,10 @@ void clh_clip_free(clh_clip *m) {
 
 const clh_clip_config *clh_clip_get_config(const clh_clip *m) {
     return &m->cfg;
+}
+
+uint64_t clh_clip_weights_hash(const clh_clip *m) {
+    return m->weights_hash;
 }
 
 clh_ctx *clh_clip_ctx(const clh_clip *m) {

@@ -28,8 +28,8 @@ clh_status clh_linear_backward(clh_ctx *ctx, const clh_tensor *x, const clh_tens
 clh_status clh_layer_norm_backward(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *gamma,
                                    float eps, const clh_tensor *dy, clh_tensor *dx,
                                    clh_tensor *dgamma, clh_tensor *dbeta);
-/* Softmax backward from its output y = softmax(scale * x [+ mask]): dx = scale * y * (dy - sum(dy*y)).
- * dx may alias dy. */
+/* Softmax backward from its output y = softmax(scale * x [+ mask]): dx = scale * y * (dy -
+ * sum(dy*y)). dx may alias dy. */
 clh_status clh_softmax_backward(clh_ctx *ctx, const clh_tensor *y, const clh_tensor *dy,
                                 float scale, clh_tensor *dx);
 /* Backward of clh_attention: recomputes the attention probabilities from q and k (nothing
@@ -49,8 +49,8 @@ clh_status clh_l2_normalize_backward(clh_ctx *ctx, const clh_tensor *x, const cl
                                      clh_tensor *dx);
 /* Backward of clh_gather_rows: dx[index[i], :] += dy[i, :] (host indices; repeated indices
  * accumulate; deterministic order). */
-clh_status clh_scatter_add_rows(clh_ctx *ctx, const clh_tensor *dy, const int32_t *index,
-                                size_t n, clh_tensor *dx);
+clh_status clh_scatter_add_rows(clh_ctx *ctx, const clh_tensor *dy, const int32_t *index, size_t n,
+                                clh_tensor *dx);
 /* y += alpha * x elementwise (same numel); the accumulation helper of backward passes. */
 clh_status clh_axpy(clh_ctx *ctx, float alpha, const clh_tensor *x, clh_tensor *y);
 /* Sum of squares of all elements into a host double (for gradient-norm clipping). */
@@ -71,8 +71,8 @@ clh_status clh_blockdiag_forward(clh_ctx *ctx, const clh_tensor *x, const clh_te
 clh_status clh_blockdiag_backward(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *blocks,
                                   const clh_tensor *dy, clh_tensor *dx, clh_tensor *dblocks);
 /* Fold: w_out = w · BD (input side, side = 0) or BD · w (output side, side = 1); w [D, D]. */
-clh_status clh_blockdiag_fold(clh_ctx *ctx, const clh_tensor *w, const clh_tensor *blocks,
-                              int side, clh_tensor *w_out);
+clh_status clh_blockdiag_fold(clh_ctx *ctx, const clh_tensor *w, const clh_tensor *blocks, int side,
+                              clh_tensor *w_out);
 
 /* Batched inverse of a [n, m, m] by Gauss-Jordan elimination with partial pivoting, one
  * work-group per matrix. A pivot of magnitude below 1e-30 is CLH_ERR_INVALID_ARGUMENT
@@ -80,8 +80,7 @@ clh_status clh_blockdiag_fold(clh_ctx *ctx, const clh_tensor *w, const clh_tenso
 clh_status clh_batched_inverse(clh_ctx *ctx, const clh_tensor *a, clh_tensor *inv);
 /* Cayley map of raw [n, m, m]: S = (raw - raw^T)/2, R = (I - S)(I + S)^{-1}. inv receives
  * (I + S)^{-1} for the backward (may be NULL when no backward is needed). */
-clh_status clh_cayley_forward(clh_ctx *ctx, const clh_tensor *raw, clh_tensor *r,
-                              clh_tensor *inv);
+clh_status clh_cayley_forward(clh_ctx *ctx, const clh_tensor *raw, clh_tensor *r, clh_tensor *inv);
 /* draw (overwritten) from dR, using inv from the forward and the same raw. */
 clh_status clh_cayley_backward(clh_ctx *ctx, const clh_tensor *raw, const clh_tensor *inv,
                                const clh_tensor *dr, clh_tensor *draw);
@@ -118,8 +117,8 @@ clh_status clh_dcrc_backward(clh_ctx *ctx, const clh_dcrc_layout *layout, const 
 clh_status clh_hyperspherical_energy(clh_ctx *ctx, const clh_tensor *w, int axis, float s,
                                      double *energy);
 /* dw += scale * dHE/dw (same axis and s). */
-clh_status clh_hyperspherical_energy_backward(clh_ctx *ctx, const clh_tensor *w, int axis,
-                                              float s, float scale, clh_tensor *dw);
+clh_status clh_hyperspherical_energy_backward(clh_ctx *ctx, const clh_tensor *w, int axis, float s,
+                                              float scale, clh_tensor *dw);
 
 /* ------------------------------------------------------------------ RNG */
 
@@ -131,8 +130,8 @@ typedef struct clh_rng {
 
 void clh_rng_seed(clh_rng *rng, uint64_t seed);
 uint64_t clh_rng_next_u64(clh_rng *rng);
-double clh_rng_uniform(clh_rng *rng);            /* [0, 1) */
-double clh_rng_normal(clh_rng *rng);             /* N(0, 1) */
+double clh_rng_uniform(clh_rng *rng); /* [0, 1) */
+double clh_rng_normal(clh_rng *rng);  /* N(0, 1) */
 /* Fill a host array with N(0, std) values. */
 void clh_rng_fill_normal(clh_rng *rng, float *x, size_t n, float std);
 
