@@ -6,7 +6,15 @@
 #include "hclip.h"
 #include "testutil.h"
 
+#include <time.h>
+
 #define MODEL "clip_tiny_p8" /* vision 64 wide, text 48 wide: block size 16 */
+
+static double clh_test_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 static clh_clip *load_model(const char *name) {
     clh_clip *m = NULL;
@@ -705,6 +713,76 @@ static void test_parity_no_maps(void **state) {
     run_hclip_parity("hclip_tiny_no_maps");
 }
 
+/* ------------------------------------------------------------------ large step (optional) */
+
+/* One training step (forward + backward through both towers) of the model in
+ * $CLHCLIP_LARGE_FIXTURE (e.g. the ViT-B/16 written by make_clip_fixtures.py --config
+ * vitb16_384) at 384x384 with 171 prompts; prints wall time and peak device memory. */
+static void large_step(const char *dir, int recompute) {
+    clh_ctx *ctx;
+    TU_OK(clh_ctx_create(NULL, &ctx));
+    clh_clip *m;
+    TU_OK(clh_clip_load(ctx, dir, &m));
+    const clh_clip_config *c = clh_clip_get_config(m);
+    size_t weights = clh_ctx_device_bytes(ctx);
+    clh_hclip_options opt = {.block_size = 128, .recompute = recompute};
+    clh_hclip *h;
+    TU_OK(clh_hclip_new(m, &opt, &h));
+    int64_t px_shape[4] = {1, 3, 384, 384};
+    clh_tensor *px = random_tensor(ctx, 4, px_shape, 1.5f, 3);
+    const int n_text = 171, context = c->max_positions;
+    int32_t *ids = calloc((size_t)n_text * context, sizeof *ids);
+    for (int r = 0; r < n_text; r++) {
+        int len = 6 + r % 12;
+        ids[r * context] = c->vocab_size - 2;
+        for (int j = 1; j < len; j++)
+            ids[r * context + j] = 1 + (r * 131 + j * 17) % (c->vocab_size - 3);
+        ids[r * context + len] = c->eos_token_id;
+    }
+    int hooks[2] = {3, 7};
+    clh_image_request req = {0, 1, 1, 2, hooks};
+    double t0 = clh_test_now();
+    clh_image_outputs out;
+    clh_tensor *text;
+    TU_OK(clh_hclip_zero_grad(h));
+    TU_OK(clh_hclip_forward(h, 1, px, &req, &out, ids, n_text, context, &text));
+    TU_OK(clh_ctx_finish(ctx));
+    double t1 = clh_test_now();
+    clh_tensor *dd = random_tensor(ctx, 3, clh_tensor_shape(out.dense), 1, 4);
+    clh_tensor *dh0 = random_tensor(ctx, 3, clh_tensor_shape(out.hooks[0]), 1, 5);
+    clh_tensor *dh1 = random_tensor(ctx, 3, clh_tensor_shape(out.hooks[1]), 1, 6);
+    clh_tensor *dt = random_tensor(ctx, 2, clh_tensor_shape(text), 1, 7);
+    const clh_tensor *dhooks[2] = {dh0, dh1};
+    TU_OK(clh_hclip_backward(h, NULL, dd, dhooks, dt));
+    TU_OK(clh_ctx_finish(ctx));
+    double t2 = clh_test_now();
+    print_message("  %s on %s: recompute=%d forward %.2f s, backward %.2f s, step %.2f s; peak "
+                  "device memory %.2f GiB (weights %.2f GiB)\n",
+                  dir, clh_ctx_device(ctx)->name, recompute, t1 - t0, t2 - t1, t2 - t0,
+                  clh_ctx_peak_device_bytes(ctx) / 1073741824.0, weights / 1073741824.0);
+    clh_tensor *all[] = {px, dd, dh0, dh1, dt, text};
+    for (int i = 0; i < 6; i++)
+        clh_tensor_release(all[i]);
+    clh_image_outputs_release(&out);
+    free(ids);
+    clh_hclip_free(h);
+    clh_clip_free(m);
+    clh_ctx_destroy(ctx);
+}
+
+static void test_large_training_step(void **state) {
+    const char *dir = getenv("CLHCLIP_LARGE_FIXTURE");
+    if (!dir || !*dir) {
+        print_message("SKIP: set CLHCLIP_LARGE_FIXTURE to a ViT-B/16 model directory\n");
+        skip();
+    }
+    const char *which = getenv("CLHCLIP_LARGE_RECOMPUTE"); /* "0", "1" or unset: both */
+    if (!which || strcmp(which, "0") == 0)
+        large_step(dir, 0);
+    if (!which || strcmp(which, "1") == 0)
+        large_step(dir, 1);
+}
+
 static int teardown(void **state) {
     tu_ctx_teardown();
     return tu_teardown_tmp(state);
@@ -724,6 +802,7 @@ int main(void) {
         cmocka_unit_test(test_resume_is_bit_identical),
         cmocka_unit_test(test_loss_falls_over_100_steps),
         cmocka_unit_test(test_he_drift_and_loss),
+        cmocka_unit_test(test_large_training_step),
     };
     return cmocka_run_group_tests_name("hclip", tests, tu_setup_tmp, teardown);
 }
