@@ -12,6 +12,9 @@
  *  - Sequence tensors are batch-first: [N, L, D].
  *  - Objects returned through an out-pointer are owned by the caller and freed
  *    with the matching *_free / *_release / *_destroy function, which accept NULL.
+ *    Tensors, models and adapters belong to the context they were made in: release them
+ *    before clh_ctx_destroy.
+ *  - A context (and everything made in it) is for one thread at a time.
  */
 #ifndef CLHCLIP_H
 #define CLHCLIP_H

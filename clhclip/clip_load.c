@@ -106,6 +106,22 @@ static clh_status dim_of(const loader *ld, const char *name, int axis, int *out)
     return CLH_OK;
 }
 
+/* Shapes cannot tell QuickGELU (OpenAI) from exact GELU (LAION open_clip models without
+ * "-quickgelu"): a "hidden_act" metadata entry, written by models/convert_to_safetensors.py
+ * --act, decides; without it OpenAI's QuickGELU is assumed. */
+static clh_status infer_activation(const loader *ld, clh_clip_config *cfg) {
+    const char *act = clh_st_metadata(ld->st, "hidden_act");
+    clh_activation a = CLH_ACT_QUICK_GELU;
+    if (act && strcmp(act, "gelu") == 0)
+        a = CLH_ACT_GELU;
+    else if (act && strcmp(act, "quick_gelu") != 0)
+        return clh_fail(ld->ctx, CLH_ERR_UNSUPPORTED,
+                        "CLIP weights '%s': hidden_act '%s' is not supported (quick_gelu, gelu)",
+                        ld->path, act);
+    cfg->vision.act = cfg->text.act = a;
+    return CLH_OK;
+}
+
 /* Architecture from shapes (hclip-spec 8.1): heads = width / 64, as OpenAI's build_model. */
 static clh_status infer_config(loader *ld, clh_clip_config *cfg) {
     int hf = ld->style == NAMES_HF;
@@ -162,7 +178,7 @@ static clh_status infer_config(loader *ld, clh_clip_config *cfg) {
     /* OpenAI pooling takes the argmax of the ids (EOT is the largest id). */
     cfg->eos_argmax = 1;
     cfg->eos_token_id = cfg->vocab_size - 1;
-    return CLH_OK;
+    return infer_activation(ld, cfg);
 }
 
 /* ------------------------------------------------------------------ tensors */

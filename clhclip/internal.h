@@ -55,6 +55,7 @@ struct clh_ctx {
     double build_seconds;
 
     int profile;
+    int sync; /* $CLHCLIP_SYNC: clFinish after every launch */
     clh_profile_entry *prof;
     int n_prof, cap_prof;
 

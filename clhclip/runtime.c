@@ -69,18 +69,29 @@ static void ensure_pocl_cache_dir(void) {
 
 /* ------------------------------------------------------------------ device info */
 
+/* Device/platform strings, truncated to the buffer when longer. */
 static void get_device_string(cl_device_id dev, cl_device_info what, char *out, size_t size) {
+    size_t len = 0;
     out[0] = '\0';
-    if (clGetDeviceInfo(dev, what, size - 1, out, NULL) != CL_SUCCESS)
+    char *tmp = NULL;
+    if (clGetDeviceInfo(dev, what, 0, NULL, &len) == CL_SUCCESS && (tmp = calloc(len + 1, 1)) &&
+        clGetDeviceInfo(dev, what, len, tmp, NULL) == CL_SUCCESS)
+        snprintf(out, size, "%s", tmp);
+    else
         snprintf(out, size, "?");
-    out[size - 1] = '\0';
+    free(tmp);
 }
 
 static void get_platform_string(cl_platform_id p, cl_platform_info what, char *out, size_t size) {
+    size_t len = 0;
     out[0] = '\0';
-    if (clGetPlatformInfo(p, what, size - 1, out, NULL) != CL_SUCCESS)
+    char *tmp = NULL;
+    if (clGetPlatformInfo(p, what, 0, NULL, &len) == CL_SUCCESS && (tmp = calloc(len + 1, 1)) &&
+        clGetPlatformInfo(p, what, len, tmp, NULL) == CL_SUCCESS)
+        snprintf(out, size, "%s", tmp);
+    else
         snprintf(out, size, "?");
-    out[size - 1] = '\0';
+    free(tmp);
 }
 
 static int has_extension(cl_device_id dev, const char *ext) {
@@ -359,6 +370,7 @@ clh_status clh_ctx_create(const clh_ctx_options *options, clh_ctx **out) {
     ctx->platform = all[pick].platform;
     ctx->device = all[pick].device;
     ctx->profile = profile;
+    ctx->sync = env_flag("CLHCLIP_SYNC");
     free(all);
     cl_int err;
     ctx->context = clCreateContext(NULL, 1, &ctx->device, NULL, NULL, &err);
@@ -465,7 +477,9 @@ static clh_status build_program(clh_ctx *ctx, int i) {
         return clh_fail_cl(ctx, err, "clCreateProgramWithSource", "%s", file);
     char options[1024];
     const char *extra = getenv("CLHCLIP_CL_BUILD_OPTIONS");
-    snprintf(options, sizeof options, "-cl-std=CL1.2 %s", extra ? extra : "");
+    /* -cl-std=CL1.2 fails to build on OpenCL C 1.1 devices; our kernels are 1.1-clean */
+    int c11 = strstr(ctx->info.c_version, "OpenCL C 1.1") != NULL;
+    snprintf(options, sizeof options, "%s %s", c11 ? "" : "-cl-std=CL1.2", extra ? extra : "");
     double t0 = now_seconds();
     err = clBuildProgram(pe->program, 1, &ctx->device, options, NULL, NULL);
     ctx->build_seconds += now_seconds() - t0;
@@ -657,7 +671,7 @@ clh_status clh_launch(clh_ctx *ctx, const char *kernel, int dims, const size_t *
     }
     if (ev)
         clh_profile_event(ctx, kernel, ev);
-    if (env_flag("CLHCLIP_SYNC")) {
+    if (ctx->sync) {
         err = clFinish(ctx->queue);
         if (err != CL_SUCCESS)
             return clh_fail_cl(ctx, err, "clFinish", "after %s (CLHCLIP_SYNC)", kernel);
@@ -706,9 +720,8 @@ void clh_profile_reset(clh_ctx *ctx) {
 
 /* ------------------------------------------------------------------ int scratch */
 
-clh_status clh_upload_ints(clh_ctx *ctx, const int32_t *values, size_t n, cl_mem *out) {
-    if (n == 0)
-        n = 1; /* keep a valid buffer for empty launches */
+clh_status clh_upload_ints(clh_ctx *ctx, const int32_t *values, size_t count, cl_mem *out) {
+    size_t n = count ? count : 1; /* keep a valid buffer for empty launches */
     if (n > ctx->int_scratch_count) {
         if (ctx->int_scratch) {
             clFinish(ctx->queue);
@@ -717,11 +730,11 @@ clh_status clh_upload_ints(clh_ctx *ctx, const int32_t *values, size_t n, cl_mem
             ctx->int_scratch = NULL;
             ctx->int_scratch_count = 0;
         }
-        size_t count = n < 1024 ? 1024 : n;
-        CLH_TRY(clh_buffer_new(ctx, count * sizeof(int32_t), &ctx->int_scratch));
-        ctx->int_scratch_count = count;
+        size_t cap = n < 1024 ? 1024 : n;
+        CLH_TRY(clh_buffer_new(ctx, cap * sizeof(int32_t), &ctx->int_scratch));
+        ctx->int_scratch_count = cap;
     }
-    if (values) {
+    if (values && count) {
         /* Blocking write: the host array may go away as soon as we return. */
         cl_int err = clEnqueueWriteBuffer(ctx->queue, ctx->int_scratch, CL_TRUE, 0,
                                           n * sizeof(int32_t), values, 0, NULL, NULL);

@@ -34,10 +34,19 @@ static clh_status check_shape(clh_ctx *ctx, int ndim, const int64_t *shape, cons
     if (ndim < 0 || ndim > CLH_MAX_DIMS || (ndim > 0 && !shape))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: %d dimensions (allowed 0..%d)", fn,
                         ndim, CLH_MAX_DIMS);
-    for (int i = 0; i < ndim; i++)
+    size_t numel = 1;
+    for (int i = 0; i < ndim; i++) {
         if (shape[i] < 0)
             return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: negative size %lld in dim %d", fn,
                             (long long)shape[i], i);
+        /* kernels index with int: every tensor stays below 2^31 elements */
+        if (__builtin_mul_overflow(numel, (size_t)shape[i], &numel) || numel > (size_t)INT32_MAX) {
+            char buf[160];
+            clh_shape_str(ndim, shape, buf, sizeof buf);
+            return clh_fail(ctx, CLH_ERR_OUT_OF_MEMORY,
+                            "%s: shape %s has more than 2^31-1 elements", fn, buf);
+        }
+    }
     return CLH_OK;
 }
 
@@ -63,9 +72,6 @@ clh_status clh_tensor_new(clh_ctx *ctx, int ndim, const int64_t *shape, clh_tens
         return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT, "clh_tensor_new: NULL context");
     CLH_TRY(check_shape(ctx, ndim, shape, "clh_tensor_new"));
     size_t numel = clh_shape_numel(ndim, shape);
-    if (numel > (size_t)INT32_MAX)
-        return clh_fail(ctx, CLH_ERR_OUT_OF_MEMORY,
-                        "clh_tensor_new: %zu elements exceed the 2^31-1 index range", numel);
     size_t bytes = (numel ? numel : 1) * sizeof(float);
     cl_mem mem;
     CLH_TRY(clh_buffer_new(ctx, bytes, &mem));

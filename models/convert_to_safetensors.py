@@ -86,11 +86,12 @@ def check_looks_like_clip(tensors, path):
                            f"(missing {', '.join(missing)})")
 
 
-def convert(src, dst, dtype_name="f32", allow_pickle=False, quiet=False):
+def convert(src, dst, dtype_name="f32", allow_pickle=False, quiet=False, act="quick_gelu"):
     sd = unwrap_state_dict(load_checkpoint(src, allow_pickle), src)
     tensors, dropped = convert_state_dict(sd, DTYPES[dtype_name])
     check_looks_like_clip(tensors, src)
-    save_file(tensors, dst, metadata={"format": "pt"})
+    # Shapes cannot tell QuickGELU from exact GELU; clh_clip_load reads this entry.
+    save_file(tensors, dst, metadata={"format": "pt", "hidden_act": act})
     if not quiet:
         n_params = sum(t.numel() for t in tensors.values())
         print(f"{src} -> {dst}: {len(tensors)} tensors, {n_params} values, {dtype_name}"
@@ -193,6 +194,9 @@ def main():
     ap.add_argument("src", nargs="?", help="OpenAI .pt, open_clip .bin/.pt or .safetensors")
     ap.add_argument("dst", nargs="?", help="output .safetensors")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
+    ap.add_argument("--act", choices=["quick_gelu", "gelu"], default="quick_gelu",
+                    help="MLP activation: quick_gelu for OpenAI models and open_clip "
+                         "'-quickgelu' models, gelu for other LAION open_clip models")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="allow arbitrary pickled objects (only for files you trust)")
     ap.add_argument("--self-test", action="store_true",
@@ -203,7 +207,7 @@ def main():
     if not args.src or not args.dst:
         ap.error("src and dst are required (or --self-test)")
     try:
-        convert(args.src, args.dst, args.dtype, args.allow_pickle)
+        convert(args.src, args.dst, args.dtype, args.allow_pickle, act=args.act)
     except (RuntimeError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

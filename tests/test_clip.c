@@ -259,8 +259,8 @@ static void test_bad_inputs(void **state) {
 }
 
 /* Copy a fixture's weights, leaving out or reshaping one tensor. */
-static void write_modified(const char *src_dir, const char *dst_dir, const char *victim,
-                           int reshape) {
+static void write_modified_act(const char *src_dir, const char *dst_dir, const char *victim,
+                               int reshape, const char *hidden_act) {
     char path[1100];
     snprintf(path, sizeof path, "%s/model.safetensors", src_dir);
     clh_st_file *src;
@@ -282,10 +282,17 @@ static void write_modified(const char *src_dir, const char *dst_dir, const char 
         }
         free(buf);
     }
+    if (hidden_act)
+        TU_OK(clh_st_writer_set_metadata(w, "hidden_act", hidden_act));
     snprintf(path, sizeof path, "%s/model.safetensors", dst_dir);
     TU_OK(clh_st_writer_save(w, path));
     clh_st_writer_free(w);
     clh_st_close(src);
+}
+
+static void write_modified(const char *src_dir, const char *dst_dir, const char *victim,
+                           int reshape) {
+    write_modified_act(src_dir, dst_dir, victim, reshape, NULL);
 }
 
 static void test_loader_errors(void **state) {
@@ -303,6 +310,15 @@ static void test_loader_errors(void **state) {
     write_modified(src, dir, "visual.proj", 1);
     TU_FAILS(clh_clip_load(ctx, dir, &m), CLH_ERR_SHAPE, "visual.proj");
     assert_null(m);
+    /* OpenAI names without config.json: the activation comes from the file's metadata */
+    write_modified_act(src, dir, "", 0, "gelu");
+    TU_OK(clh_clip_load(ctx, dir, &m));
+    assert_int_equal(clh_clip_get_config(m)->vision.act, CLH_ACT_GELU);
+    assert_int_equal(clh_clip_get_config(m)->text.act, CLH_ACT_GELU);
+    clh_clip_free(m);
+    m = NULL;
+    write_modified_act(src, dir, "", 0, "swish");
+    TU_FAILS(clh_clip_load(ctx, dir, &m), CLH_ERR_UNSUPPORTED, "swish");
     /* not a CLIP checkpoint at all */
     char path[1100];
     snprintf(path, sizeof path, "%s/model.safetensors", dir);

@@ -98,6 +98,17 @@ static void test_tensor_roundtrip_and_views(void **state) {
     clh_tensor_release(row);
 }
 
+/* Shapes whose element count overflows or exceeds the int index range are refused. */
+static void test_shape_overflow(void **state) {
+    TU_CTX_OR_SKIP(ctx);
+    clh_tensor *t = NULL;
+    int64_t huge[2] = {(int64_t)1 << 32, (int64_t)1 << 32};
+    TU_FAILS(clh_tensor_new(ctx, 2, huge, &t), CLH_ERR_OUT_OF_MEMORY, "2^31-1");
+    int64_t wrap[3] = {(int64_t)1 << 21, (int64_t)1 << 21, (int64_t)1 << 22};
+    TU_FAILS(clh_ws_tensor(ctx, 3, wrap, &t), CLH_ERR_OUT_OF_MEMORY, "2^31-1");
+    assert_null(t);
+}
+
 static void test_alloc_limit(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const clh_device_info *info = clh_ctx_device(ctx);
@@ -261,6 +272,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_bad_selection_is_clear_error),
         cmocka_unit_test(test_tensor_roundtrip_and_views),
         cmocka_unit_test(test_alloc_limit),
+        cmocka_unit_test(test_shape_overflow),
         cmocka_unit_test(test_launch_odd_sizes),
         cmocka_unit_test(test_launch_errors_are_named),
         cmocka_unit_test(test_workspace_reuses_memory),
