@@ -227,6 +227,10 @@ clh_status clh_hclip_forward(clh_hclip *h, int train, const clh_tensor *pixels,
  * gradients. Releases the saved activations. */
 clh_status clh_hclip_backward(clh_hclip *h, const clh_tensor *d_pooled, const clh_tensor *d_dense,
                               const clh_tensor *const *d_hooks, const clh_tensor *d_text);
+/* Drop the activations kept by a pending training forward (no gradients). The workspace is
+ * one stack per context: keep at most one H-CLIP with a pending training forward per
+ * context at a time. */
+void clh_hclip_discard(clh_hclip *h);
 /* Write the adapted CLIP as plain CLIP weights (W·BD, BD·W folded in) with HF names into
  * dir/model.safetensors plus dir/config.json. */
 clh_status clh_hclip_export_folded(clh_hclip *h, const char *dir);

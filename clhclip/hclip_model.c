@@ -178,8 +178,6 @@ clh_status clh_hclip_new(clh_clip *base, const clh_hclip_options *options, clh_h
 }
 
 static void free_tower(tower_adapters *tw) {
-    if (tw->pending)
-        clip_tower_tape_release(&tw->tape);
     for (int l = 0; tw->ad && l < tw->layers; l++)
         for (int t = 0; t < 4; t++) {
             clh_tensor_release((clh_tensor *)tw->ad[l].r[t]);
@@ -192,6 +190,7 @@ static void free_tower(tower_adapters *tw) {
 void clh_hclip_free(clh_hclip *h) {
     if (!h)
         return;
+    clh_hclip_discard(h);
     free_tower(&h->tw[TEXT]);
     free_tower(&h->tw[VISION]);
     clh_tensor *all[] = {h->p,   h->a,      h->b,       h->dp,   h->da, h->db,
@@ -308,6 +307,16 @@ static clh_status backward_parameters(clh_hclip *h) {
 
 /* ------------------------------------------------------------------ forward */
 
+static void drop_pending(clh_hclip *h, tower_adapters *tw);
+
+/* Text was recorded above the image on the workspace stack: drop it first. */
+void clh_hclip_discard(clh_hclip *h) {
+    if (!h)
+        return;
+    drop_pending(h, &h->tw[TEXT]);
+    drop_pending(h, &h->tw[VISION]);
+}
+
 static void drop_pending(clh_hclip *h, tower_adapters *tw) {
     if (!tw->pending)
         return;
@@ -354,10 +363,8 @@ clh_status clh_hclip_forward(clh_hclip *h, int train, const clh_tensor *pixels,
         return clh_fail(h->ctx, CLH_ERR_INVALID_ARGUMENT,
                         "clh_hclip_forward: outputs missing for the requested towers");
     /* A new training forward replaces pending ones (the workspace is a stack). */
-    if (train) {
-        drop_pending(h, &h->tw[TEXT]);
-        drop_pending(h, &h->tw[VISION]);
-    }
+    if (train)
+        clh_hclip_discard(h);
     if (pixels)
         CLH_TRY(forward_image(h, train, pixels, request, image));
     if (n_text > 0) {

@@ -27,6 +27,7 @@
 #include <time.h>
 
 #include "clhclip.h"
+#include "hclip.h"
 
 #define CTX_MT       "clhclip.Context"
 #define TENSOR_MT    "clhclip.Tensor"
@@ -34,6 +35,8 @@
 #define IMAGE_MT     "clhclip.Image"
 #define CLIP_MT      "clhclip.CLIP"
 #define STFILE_MT    "clhclip.SafetensorsFile"
+#define ADAMW_MT     "clhclip.AdamW"
+#define HCLIP_MT     "clhclip.HCLIP"
 
 #define REG_DEFAULT_CTX "clhclip.default_context"
 #define REG_DEFAULT_TOK "clhclip.default_tokenizer"
@@ -141,6 +144,7 @@ typedef struct CtxBox {
     int children; /* live tensors/models made in this context */
     int closed;   /* freed by the user or collected; destroyed when children == 0 */
     size_t gc_threshold;
+    const void *ws_trainer; /* the HCLIP whose training forward is on top of the workspace */
 } CtxBox;
 
 static void ctx_maybe_destroy(CtxBox *c) {
@@ -1617,21 +1621,16 @@ static int clip_path(lua_State *L) {
     return 1;
 }
 
-/* model:encode_image(pixels[, {pooled=true, dense=false, dense_last_layer=false,
- * hooks={...}}]) -> {pooled=Tensor|nil, dense=Tensor|nil, hooks={[i]=Tensor}}.
- * Hook indices are 0-based block indices, as in the C API. */
-static int clip_encode_image(lua_State *L) {
-    ClipBox *mb = check_clip_box(L, 1);
-    clh_tensor *pixels = check_tensor(L, 2);
-    check_opt_table(L, 3);
-    lua_settop(L, 3);
-    clh_image_request req;
-    memset(&req, 0, sizeof req);
-    req.want_pooled = opt_bool(L, 3, "pooled", 1);
-    req.want_dense = opt_bool(L, 3, "dense", 0);
-    req.dense_last_layer = opt_bool(L, 3, "dense_last_layer", 0);
-    int hooks[64];
-    if (!lua_isnil(L, 3) && lua_getfield(L, 3, "hooks") != LUA_TNIL) {
+/* Image request from the options table at idx ({pooled=true, dense=false,
+ * dense_last_layer=false, hooks={...}}); hooks[] receives the block indices. */
+static void read_image_request(lua_State *L, int idx, clh_image_request *req, int *hooks) {
+    memset(req, 0, sizeof *req);
+    req->want_pooled = opt_bool(L, idx, "pooled", 1);
+    req->want_dense = opt_bool(L, idx, "dense", 0);
+    req->dense_last_layer = opt_bool(L, idx, "dense_last_layer", 0);
+    if (lua_isnoneornil(L, idx))
+        return;
+    if (lua_getfield(L, idx, "hooks") != LUA_TNIL) {
         if (!lua_istable(L, -1))
             luaL_error(L, "option 'hooks' must be an array of block indices");
         lua_Integer n = luaL_len(L, -1);
@@ -1643,47 +1642,72 @@ static int clip_encode_image(lua_State *L) {
                 luaL_error(L, "hooks[%d] = %d is not a block index", (int)i, (int)h);
             hooks[i - 1] = (int)h;
         }
-        req.n_hooks = (int)n;
-        req.hooks = hooks;
+        req->n_hooks = (int)n;
+        req->hooks = hooks;
     }
-    lua_settop(L, 3);
-    /* Boxes first (4 = pooled, 5 = dense, 6.. = hooks), so no output can leak. */
-    lua_getiuservalue(L, 1, CLIP_UV_CTX);
-    int ctx_idx = lua_gettop(L);
-    TensorBox *pooled = push_tensor_box(L, ctx_idx);
-    TensorBox *dense = push_tensor_box(L, ctx_idx);
-    TensorBox *hb[64];
-    for (int i = 0; i < req.n_hooks; i++)
-        hb[i] = push_tensor_box(L, ctx_idx);
-    clh_image_outputs out;
-    memset(&out, 0, sizeof out);
-    CHECK(L, clh_clip_encode_image(mb->m, pixels, &req, &out));
-    CtxBox *c = mb->owner;
-    if (out.pooled)
-        tensor_adopt(L, pooled, out.pooled, c);
-    if (out.dense)
-        tensor_adopt(L, dense, out.dense, c);
-    for (int i = 0; i < req.n_hooks; i++)
-        if (out.hooks[i])
-            tensor_adopt(L, hb[i], out.hooks[i], c);
+    lua_pop(L, 1);
+}
+
+/* Push 2 + n_hooks empty tensor boxes (pooled, dense, hooks...) in the context at ctx_idx,
+ * so that no output of the call that fills them can leak; returns the first one's index. */
+static int push_image_boxes(lua_State *L, int ctx_idx, int n_hooks) {
+    ctx_idx = lua_absindex(L, ctx_idx);
+    luaL_checkstack(L, n_hooks + 8, "too many hooks");
+    int first = lua_gettop(L) + 1;
+    for (int i = 0; i < n_hooks + 2; i++)
+        push_tensor_box(L, ctx_idx);
+    return first;
+}
+
+/* Move the outputs into the boxes from `first` (push_image_boxes) and push the result
+ * table {pooled=, dense=, hooks={[block]=...}}. */
+static void push_image_result(lua_State *L, int first, const clh_image_request *req,
+                              const clh_image_outputs *out, CtxBox *c) {
+    clh_tensor *ts[66];
+    ts[0] = out->pooled;
+    ts[1] = out->dense;
+    for (int i = 0; i < req->n_hooks; i++)
+        ts[2 + i] = out->hooks[i];
+    for (int i = 0; i < req->n_hooks + 2; i++)
+        if (ts[i])
+            tensor_adopt(L, lua_touserdata(L, first + i), ts[i], c);
     lua_createtable(L, 0, 3);
     int res = lua_gettop(L);
-    if (out.pooled) {
-        lua_pushvalue(L, ctx_idx + 1);
+    if (out->pooled) {
+        lua_pushvalue(L, first);
         lua_setfield(L, res, "pooled");
     }
-    if (out.dense) {
-        lua_pushvalue(L, ctx_idx + 2);
+    if (out->dense) {
+        lua_pushvalue(L, first + 1);
         lua_setfield(L, res, "dense");
     }
-    lua_createtable(L, 0, req.n_hooks);
-    for (int i = 0; i < req.n_hooks; i++) {
-        if (out.hooks[i]) {
-            lua_pushvalue(L, ctx_idx + 3 + i);
-            lua_rawseti(L, -2, hooks[i]);
+    lua_createtable(L, 0, req->n_hooks);
+    for (int i = 0; i < req->n_hooks; i++) {
+        if (out->hooks[i]) {
+            lua_pushvalue(L, first + 2 + i);
+            lua_rawseti(L, -2, req->hooks[i]);
         }
     }
     lua_setfield(L, res, "hooks");
+}
+
+/* model:encode_image(pixels[, {pooled=true, dense=false, dense_last_layer=false,
+ * hooks={...}}]) -> {pooled=Tensor|nil, dense=Tensor|nil, hooks={[i]=Tensor}}.
+ * Hook indices are 0-based block indices, as in the C API. */
+static int clip_encode_image(lua_State *L) {
+    ClipBox *mb = check_clip_box(L, 1);
+    clh_tensor *pixels = check_tensor(L, 2);
+    check_opt_table(L, 3);
+    lua_settop(L, 3);
+    clh_image_request req;
+    int hooks[64];
+    read_image_request(L, 3, &req, hooks);
+    lua_getiuservalue(L, 1, CLIP_UV_CTX);
+    int first = push_image_boxes(L, -1, req.n_hooks);
+    clh_image_outputs out;
+    memset(&out, 0, sizeof out);
+    CHECK(L, clh_clip_encode_image(mb->m, pixels, &req, &out));
+    push_image_result(L, first, &req, &out, mb->owner);
     return 1;
 }
 
@@ -1824,6 +1848,870 @@ static int clip_tostring(lua_State *L) {
     return 1;
 }
 
+/* ================================================================== random numbers */
+
+/* The process-wide generator of clh.manual_seed / clh.randn (torch's default
+ * generator); its whole state is (seed, counter), saved with checkpoints. */
+static clh_rng default_rng = {0, 0};
+
+/* clh.manual_seed(n) */
+static int l_manual_seed(lua_State *L) {
+    clh_rng_seed(&default_rng, (uint64_t)luaL_checkinteger(L, 1));
+    return 0;
+}
+
+static void push_rng_state(lua_State *L, const clh_rng *rng) {
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, (lua_Integer)rng->seed);
+    lua_setfield(L, -2, "seed");
+    lua_pushinteger(L, (lua_Integer)rng->counter);
+    lua_setfield(L, -2, "counter");
+}
+
+/* {seed=, counter=} at idx -> rng (64-bit values as Lua integers, two's complement). */
+static void read_rng_state(lua_State *L, int idx, clh_rng *rng) {
+    luaL_checktype(L, idx, LUA_TTABLE);
+    const char *keys[2] = {"seed", "counter"};
+    uint64_t v[2];
+    for (int i = 0; i < 2; i++) {
+        lua_getfield(L, idx, keys[i]);
+        int isnum;
+        v[i] = (uint64_t)lua_tointegerx(L, -1, &isnum);
+        if (!isnum)
+            luaL_error(L, "RNG state field '%s' must be an integer (got %s)", keys[i],
+                       luaL_typename(L, -1));
+        lua_pop(L, 1);
+    }
+    rng->seed = v[0];
+    rng->counter = v[1];
+}
+
+/* clh.rng_state() -> {seed=, counter=} */
+static int l_rng_state(lua_State *L) {
+    push_rng_state(L, &default_rng);
+    return 1;
+}
+
+/* clh.set_rng_state{seed=, counter=} */
+static int l_set_rng_state(lua_State *L) {
+    read_rng_state(L, 1, &default_rng);
+    return 0;
+}
+
+/* clh.randn(shape[, std=1][, ctx]) -> Tensor of N(0, std^2) values from the default RNG */
+static int l_randn(lua_State *L) {
+    int64_t shape[CLH_MAX_DIMS];
+    int ndim = check_shape(L, 1, shape);
+    size_t numel = shape_numel(ndim, shape);
+    double std = luaL_optnumber(L, 2, 1.0);
+    luaL_argcheck(L, std >= 0 && isfinite(std), 2, "std must be finite and >= 0");
+    CtxBox *c = push_ctx_arg(L, 3);
+    TensorBox *b = push_tensor_box(L, -1);
+    float *host = scratch(L, numel * sizeof(float));
+    clh_rng_fill_normal(&default_rng, host, numel, (float)std);
+    clh_tensor *t = NULL;
+    CHECK(L, clh_tensor_from_host(c->ctx, ndim, shape, host, &t));
+    lua_pop(L, 1);
+    tensor_adopt(L, b, t, c);
+    return 1;
+}
+
+/* ================================================================== AdamW */
+
+typedef struct OptBox {
+    clh_adamw *opt;
+    CtxBox *owner;
+    int n_groups;
+} OptBox;
+
+static OptBox *check_opt_box(lua_State *L, int idx) {
+    OptBox *b = luaL_checkudata(L, idx, ADAMW_MT);
+    if (!b->opt)
+        luaL_error(L, "optimizer was freed");
+    return b;
+}
+
+/* A tensor argument that must live in the context `c` (kernels cannot mix contexts). */
+static clh_tensor *check_tensor_in(lua_State *L, int idx, CtxBox *c, const char *what) {
+    TensorBox *b = luaL_testudata(L, idx, TENSOR_MT);
+    if (!b)
+        luaL_error(L, "%s must be a clhclip.Tensor (got %s)", what, luaL_typename(L, idx));
+    if (!b->t)
+        luaL_error(L, "%s: tensor was freed", what);
+    if (b->owner != c)
+        luaL_error(L, "%s belongs to another context", what);
+    return b->t;
+}
+
+/* clh.adamw([ctx]) -> AdamW (parameter groups are added with :add_group) */
+static int l_adamw(lua_State *L) {
+    CtxBox *c = push_ctx_arg(L, 1);
+    int ctx_idx = lua_gettop(L);
+    OptBox *b = lua_newuserdatauv(L, sizeof *b, 1);
+    memset(b, 0, sizeof *b);
+    luaL_setmetatable(L, ADAMW_MT);
+    lua_pushvalue(L, ctx_idx);
+    lua_setiuservalue(L, -2, 1);
+    clh_adamw *opt = NULL;
+    CHECK(L, clh_adamw_new(c->ctx, &opt));
+    b->opt = opt;
+    b->owner = c;
+    c->children++;
+    return 1;
+}
+
+static int adamw_free(lua_State *L) {
+    OptBox *b = luaL_checkudata(L, 1, ADAMW_MT);
+    if (b->opt) {
+        clh_adamw_free(b->opt);
+        b->opt = NULL;
+        ctx_release_child(b->owner);
+        b->owner = NULL;
+    }
+    return 0;
+}
+
+/* Group settings from the table at idx over *cfg (fields left out keep their value). */
+static void read_adamw_config(lua_State *L, int idx, clh_adamw_config *cfg) {
+    cfg->lr = (float)opt_num(L, idx, "lr", cfg->lr);
+    cfg->eps = (float)opt_num(L, idx, "eps", cfg->eps);
+    cfg->weight_decay = (float)opt_num(L, idx, "weight_decay", cfg->weight_decay);
+    int t = lua_getfield(L, idx, "betas");
+    if (t == LUA_TTABLE) {
+        cfg->beta1 = table_float(L, lua_gettop(L), 1, "betas");
+        cfg->beta2 = table_float(L, lua_gettop(L), 2, "betas");
+    } else if (t != LUA_TNIL) {
+        luaL_error(L, "option 'betas' must be a table {beta1, beta2} (got %s)",
+                   luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+}
+
+/* 1-based group argument at idx -> 0-based group index. */
+static int check_group(lua_State *L, OptBox *b, int idx) {
+    lua_Integer g = luaL_checkinteger(L, idx);
+    if (g < 1 || g > b->n_groups)
+        luaL_error(L, "parameter group %d does not exist (the optimizer has %d)", (int)g,
+                   b->n_groups);
+    return (int)g - 1;
+}
+
+/* opt:add_group{lr=1e-3, betas={0.9, 0.999}, eps=1e-8, weight_decay=1e-2} -> group (1-based).
+ * The defaults are torch.optim.AdamW's. */
+static int adamw_add_group(lua_State *L) {
+    OptBox *b = check_opt_box(L, 1);
+    check_opt_table(L, 2);
+    lua_settop(L, 2);
+    clh_adamw_config cfg = {
+        .lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 1e-2f};
+    if (!lua_isnil(L, 2))
+        read_adamw_config(L, 2, &cfg);
+    int group = 0;
+    CHECK(L, clh_adamw_add_group(b->opt, &cfg, &group));
+    b->n_groups = group + 1;
+    lua_pushinteger(L, group + 1);
+    return 1;
+}
+
+/* opt:add(group, param, grad): the optimizer keeps both tensors alive. */
+static int adamw_add(lua_State *L) {
+    OptBox *b = check_opt_box(L, 1);
+    int group = check_group(L, b, 2);
+    clh_tensor *p = check_tensor_in(L, 3, b->owner, "param");
+    clh_tensor *g = check_tensor_in(L, 4, b->owner, "grad");
+    CHECK(L, clh_adamw_add_param(b->opt, group, p, g));
+    return 0;
+}
+
+/* opt:clip_grad_norm(max_norm) -> norm before clipping */
+static int adamw_clip_grad_norm(lua_State *L) {
+    OptBox *b = check_opt_box(L, 1);
+    double norm = 0;
+    CHECK(L, clh_adamw_clip_grad_norm(b->opt, (float)luaL_checknumber(L, 2), &norm));
+    lua_pushnumber(L, norm);
+    return 1;
+}
+
+/* opt:step([lr_scale=1]) */
+static int adamw_step(lua_State *L) {
+    OptBox *b = check_opt_box(L, 1);
+    CHECK(L, clh_adamw_step(b->opt, (float)luaL_optnumber(L, 2, 1.0)));
+    return 0;
+}
+
+static int adamw_zero_grad(lua_State *L) {
+    CHECK(L, clh_adamw_zero_grad(check_opt_box(L, 1)->opt));
+    return 0;
+}
+
+static int adamw_steps(lua_State *L) {
+    lua_pushinteger(L, clh_adamw_steps(check_opt_box(L, 1)->opt));
+    return 1;
+}
+
+static int adamw_set_steps(lua_State *L) {
+    OptBox *b = check_opt_box(L, 1);
+    lua_Integer t = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, t >= 0, 2, "step count must be >= 0");
+    clh_adamw_set_steps(b->opt, (long)t);
+    return 0;
+}
+
+static int adamw_num_params(lua_State *L) {
+    lua_pushinteger(L, clh_adamw_num_params(check_opt_box(L, 1)->opt));
+    return 1;
+}
+
+static int adamw_num_groups(lua_State *L) {
+    lua_pushinteger(L, check_opt_box(L, 1)->n_groups);
+    return 1;
+}
+
+/* opt:group(g) -> {lr=, betas={b1, b2}, eps=, weight_decay=} */
+static int adamw_group(lua_State *L) {
+    OptBox *b = check_opt_box(L, 1);
+    const clh_adamw_config *c = clh_adamw_group_config(b->opt, check_group(L, b, 2));
+    lua_createtable(L, 0, 4);
+    lua_pushnumber(L, c->lr);
+    lua_setfield(L, -2, "lr");
+    lua_createtable(L, 2, 0);
+    lua_pushnumber(L, c->beta1);
+    lua_rawseti(L, -2, 1);
+    lua_pushnumber(L, c->beta2);
+    lua_rawseti(L, -2, 2);
+    lua_setfield(L, -2, "betas");
+    lua_pushnumber(L, c->eps);
+    lua_setfield(L, -2, "eps");
+    lua_pushnumber(L, c->weight_decay);
+    lua_setfield(L, -2, "weight_decay");
+    return 1;
+}
+
+/* opt:set_group(g, {lr=, betas=, eps=, weight_decay=}): the fields given replace the
+ * group's (checked at the next step, as torch would at construction). */
+static int adamw_set_group(lua_State *L) {
+    OptBox *b = check_opt_box(L, 1);
+    clh_adamw_config *c = clh_adamw_group_config(b->opt, check_group(L, b, 2));
+    luaL_checktype(L, 3, LUA_TTABLE);
+    clh_adamw_config next = *c;
+    read_adamw_config(L, 3, &next);
+    *c = next;
+    return 0;
+}
+
+/* opt:set_lr(g, lr) */
+static int adamw_set_lr(lua_State *L) {
+    OptBox *b = check_opt_box(L, 1);
+    clh_adamw_config *c = clh_adamw_group_config(b->opt, check_group(L, b, 2));
+    double lr = luaL_checknumber(L, 3);
+    luaL_argcheck(L, lr >= 0 && isfinite(lr), 3, "lr must be finite and >= 0");
+    c->lr = (float)lr;
+    return 0;
+}
+
+static int adamw_tostring(lua_State *L) {
+    OptBox *b = luaL_checkudata(L, 1, ADAMW_MT);
+    if (!b->opt)
+        lua_pushstring(L, "clhclip.AdamW (freed)");
+    else
+        lua_pushfstring(L, "clhclip.AdamW (%d parameters in %d groups, %d steps)",
+                        clh_adamw_num_params(b->opt), b->n_groups, (int)clh_adamw_steps(b->opt));
+    return 1;
+}
+
+/* clh.cosine_schedule(t, total, warmup) -> lr multiplier for 0-based step t */
+static int l_cosine_schedule(lua_State *L) {
+    lua_Integer t = luaL_checkinteger(L, 1);
+    lua_Integer total = luaL_checkinteger(L, 2);
+    lua_Integer warmup = luaL_optinteger(L, 3, 0);
+    luaL_argcheck(L, total > 0, 2, "total must be > 0");
+    luaL_argcheck(L, warmup >= 0 && warmup <= total, 3, "warmup must be in 0..total");
+    lua_pushnumber(L, clh_cosine_schedule((long)t, (long)total, (long)warmup));
+    return 1;
+}
+
+/* ================================================================== H-CLIP */
+
+typedef struct HclipBox {
+    clh_hclip *h;
+    CtxBox *owner;
+    ClipBox *base;          /* kept alive through HCLIP_UV_CLIP */
+    int hooks[64], n_hooks; /* hooks of the last training forward (for :backward) */
+} HclipBox;
+
+/* User values: the CLIP userdata, its context, and the cached {params, grads} arrays. */
+enum { HCLIP_UV_CLIP = 1, HCLIP_UV_CTX = 2, HCLIP_UV_PARAMS = 3 };
+
+static HclipBox *check_hclip_box(lua_State *L, int idx) {
+    HclipBox *b = luaL_checkudata(L, idx, HCLIP_MT);
+    if (!b->h)
+        luaL_error(L, "H-CLIP was freed");
+    if (!b->base->m)
+        luaL_error(L, "the H-CLIP's base model was freed");
+    return b;
+}
+
+static clh_ortho check_ortho(lua_State *L, int idx) {
+    static const char *names[] = {"text", "both", "none", "vision"};
+    if (lua_isnoneornil(L, idx))
+        return CLH_ORTHO_TEXT;
+    int t = lua_getfield(L, idx, "ortho");
+    if (t == LUA_TNIL) {
+        lua_pop(L, 1);
+        return CLH_ORTHO_TEXT;
+    }
+    if (t != LUA_TSTRING)
+        luaL_error(L, "option 'ortho' must be a string (got %s)", luaL_typename(L, -1));
+    const char *s = lua_tostring(L, -1);
+    for (int i = 0; i < 4; i++)
+        if (strcmp(s, names[i]) == 0) {
+            lua_pop(L, 1);
+            return (clh_ortho)i;
+        }
+    luaL_error(L, "option 'ortho' must be \"text\", \"both\", \"none\" or \"vision\" (got \"%s\")",
+               s);
+    return CLH_ORTHO_TEXT;
+}
+
+static const char *ortho_name(clh_ortho o) {
+    static const char *names[] = {"text", "both", "none", "vision"};
+    return (unsigned)o <= CLH_ORTHO_VISION ? names[o] : "?";
+}
+
+/* clh.hclip(model[, {block_size=128, ortho="text", modality_map=true, layer_map=true,
+ * recompute=false}]) -> HCLIP, adapters on `model` initialised to the identity. */
+static int l_hclip(lua_State *L) {
+    ClipBox *mb = check_clip_box(L, 1);
+    check_opt_table(L, 2);
+    lua_settop(L, 2);
+    clh_hclip_options o;
+    memset(&o, 0, sizeof o);
+    lua_Integer q = opt_int(L, 2, "block_size", 128);
+    luaL_argcheck(L, q >= 1 && q <= 1 << 16, 2, "block_size must be 1..65536");
+    o.block_size = (int)q;
+    o.ortho = check_ortho(L, 2);
+    o.no_modality_map = !opt_bool(L, 2, "modality_map", 1);
+    o.no_layer_map = !opt_bool(L, 2, "layer_map", 1);
+    o.recompute = opt_bool(L, 2, "recompute", 0);
+    HclipBox *b = lua_newuserdatauv(L, sizeof *b, 3);
+    memset(b, 0, sizeof *b);
+    luaL_setmetatable(L, HCLIP_MT);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, HCLIP_UV_CLIP);
+    lua_getiuservalue(L, 1, CLIP_UV_CTX);
+    lua_setiuservalue(L, -2, HCLIP_UV_CTX);
+    b->base = mb;
+    clh_hclip *h = NULL;
+    CHECK(L, clh_hclip_new(mb->m, &o, &h));
+    b->h = h;
+    b->owner = mb->owner;
+    b->owner->children++;
+    gc_pressure(L, b->owner);
+    return 1;
+}
+
+/* clh_hclip_free keeps the workspace that a pending training forward holds (the
+ * workspace is a stack per context). When this HCLIP's forward is the top one, a backward
+ * without gradients gives it back; otherwise resetting could cut into another model's
+ * pending forward, so it stays (see the report on the C API). */
+static void hclip_drop_pending(HclipBox *b) {
+    if (b->owner->ws_trainer != b)
+        return;
+    b->owner->ws_trainer = NULL;
+    if (!b->base->m)
+        return;
+    clh_he_options off;
+    memset(&off, 0, sizeof off);
+    (void)clh_hclip_set_he_loss(b->h, &off);
+    (void)clh_hclip_backward(b->h, NULL, NULL, NULL, NULL);
+}
+
+static int hclip_free(lua_State *L) {
+    HclipBox *b = luaL_checkudata(L, 1, HCLIP_MT);
+    if (b->h) {
+        hclip_drop_pending(b);
+        clh_hclip_free(b->h);
+        b->h = NULL;
+        ctx_release_child(b->owner);
+        b->owner = NULL;
+        lua_pushnil(L);
+        lua_setiuservalue(L, 1, HCLIP_UV_PARAMS);
+    }
+    return 0;
+}
+
+/* Is the cached {params, grads} pair on the stack top complete (no tensor freed)? */
+static int param_cache_valid(lua_State *L, int n) {
+    if (!lua_istable(L, -1))
+        return 0;
+    for (int k = 1; k <= 2; k++) {
+        lua_rawgeti(L, -1, k);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, -1, i);
+            TensorBox *tb = luaL_testudata(L, -1, TENSOR_MT);
+            lua_pop(L, 1);
+            if (!tb || !tb->t) {
+                lua_pop(L, 1);
+                return 0;
+            }
+        }
+        lua_pop(L, 1);
+    }
+    return 1;
+}
+
+/* Build {params, grads}: Tensor userdata on the library's own tensors (retained), each
+ * keeping the HCLIP at idx alive through its second user value. */
+static void build_param_cache(lua_State *L, int idx, HclipBox *hb) {
+    int n = clh_hclip_num_params(hb->h);
+    lua_getiuservalue(L, idx, HCLIP_UV_CTX);
+    int ctx_idx = lua_gettop(L);
+    lua_createtable(L, 2, 0);
+    int cache = lua_gettop(L);
+    for (int k = 1; k <= 2; k++) {
+        lua_createtable(L, n, 0);
+        for (int i = 0; i < n; i++) {
+            clh_tensor *p = NULL, *g = NULL;
+            CHECK(L, clh_hclip_param(hb->h, i, NULL, &p, &g));
+            TensorBox *tb = lua_newuserdatauv(L, sizeof *tb, 2);
+            tb->t = NULL;
+            tb->owner = NULL;
+            luaL_setmetatable(L, TENSOR_MT);
+            lua_pushvalue(L, ctx_idx);
+            lua_setiuservalue(L, -2, 1);
+            lua_pushvalue(L, idx);
+            lua_setiuservalue(L, -2, 2);
+            clh_tensor *t = k == 1 ? p : g;
+            clh_tensor_retain(t);
+            tensor_adopt(L, tb, t, hb->owner);
+            lua_rawseti(L, -2, i + 1);
+        }
+        lua_rawseti(L, cache, k);
+    }
+    lua_pushvalue(L, cache);
+    lua_setiuservalue(L, idx, HCLIP_UV_PARAMS);
+    lua_remove(L, ctx_idx); /* leaves the cache on the top */
+}
+
+/* Push a fresh array holding the entries of the array on the stack top. */
+static void push_array_copy(lua_State *L, int src, int n) {
+    src = lua_absindex(L, src);
+    lua_createtable(L, n, 0);
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, src, i);
+        lua_rawseti(L, -2, i);
+    }
+}
+
+/* h:parameters() -> params, grads: arrays of Tensors on the adapters' own memory (P, A, B
+ * and their gradients, as nn's parameters()). The same userdata come back on every call. */
+static int hclip_parameters(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    lua_settop(L, 1);
+    int n = clh_hclip_num_params(hb->h);
+    lua_getiuservalue(L, 1, HCLIP_UV_PARAMS);
+    if (!param_cache_valid(L, n)) {
+        lua_pop(L, 1);
+        build_param_cache(L, 1, hb);
+    }
+    int cache = lua_gettop(L);
+    lua_rawgeti(L, cache, 1);
+    push_array_copy(L, -1, n);
+    lua_rawgeti(L, cache, 2);
+    push_array_copy(L, -1, n);
+    lua_remove(L, -2);
+    lua_remove(L, -3);
+    return 2;
+}
+
+/* h:param_names() -> {"hclip.P", "hclip.A", "hclip.B"} (A/B absent when switched off) */
+static int hclip_param_names(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    int n = clh_hclip_num_params(hb->h);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        const char *name = NULL;
+        CHECK(L, clh_hclip_param(hb->h, i, &name, NULL, NULL));
+        lua_pushstring(L, name);
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static int hclip_zero_grad(lua_State *L) {
+    CHECK(L, clh_hclip_zero_grad(check_hclip_box(L, 1)->h));
+    return 0;
+}
+
+static int hclip_update(lua_State *L) {
+    CHECK(L, clh_hclip_update(check_hclip_box(L, 1)->h));
+    return 0;
+}
+
+/* Token ids for the text input at idx (strings, an array of strings, an array of id
+ * arrays or one id array) pushed as a scratch buffer; options at opt_idx. */
+static int32_t *hclip_text_ids(lua_State *L, HclipBox *hb, int idx, int opt_idx, int *n,
+                               int *context) {
+    int is_text = lua_type(L, idx) == LUA_TSTRING;
+    if (!is_text) {
+        if (!lua_istable(L, idx))
+            luaL_error(L,
+                       "forward: texts must be a string, an array of strings or of token id "
+                       "arrays (got %s)",
+                       luaL_typename(L, idx));
+        lua_geti(L, idx, 1);
+        is_text = lua_type(L, -1) == LUA_TSTRING;
+        lua_pop(L, 1);
+    }
+    if (is_text) {
+        lua_getiuservalue(L, 1, HCLIP_UV_CLIP);
+        clh_tokenizer *tok = push_model_tokenizer(L, lua_gettop(L), opt_idx);
+        int max_pos = clh_clip_get_config(hb->base->m)->max_positions;
+        tokenize_texts(L, tok, idx, opt_idx,
+                       max_pos < CLH_CONTEXT_LENGTH ? max_pos : CLH_CONTEXT_LENGTH);
+        idx = lua_gettop(L);
+    }
+    return read_id_rows(L, idx, n, context);
+}
+
+/* h:forward(pixels|nil[, request][, texts|nil][, {train=true, tokenizer=, context=,
+ * truncate=}]) -> {pooled=, dense=, hooks={[block]=...}, text=}. With train (the
+ * default) the activations are kept for :backward. */
+static int hclip_forward(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    lua_settop(L, 5);
+    const clh_tensor *pixels = NULL;
+    if (!lua_isnil(L, 2))
+        pixels = check_tensor_in(L, 2, hb->owner, "forward: pixels");
+    if (!lua_isnil(L, 3) && !lua_istable(L, 3))
+        luaL_typeerror(L, 3, "table or nil");
+    check_opt_table(L, 5);
+    if (!pixels && lua_isnil(L, 4))
+        luaL_error(L, "forward: give pixels, texts or both");
+    int train = opt_bool(L, 5, "train", 1);
+    clh_image_request req;
+    int hooks[64];
+    read_image_request(L, 3, &req, hooks);
+    int n_text = 0, context = 0;
+    const int32_t *ids = NULL;
+    if (!lua_isnil(L, 4))
+        ids = hclip_text_ids(L, hb, 4, 5, &n_text, &context);
+    lua_getiuservalue(L, 1, HCLIP_UV_CTX);
+    int first = push_image_boxes(L, -1, pixels ? req.n_hooks : 0);
+    TensorBox *text_box = push_tensor_box(L, first - 1);
+    int text_idx = lua_gettop(L);
+    if (train) { /* the hooks :backward maps gradOutput.hooks to */
+        hb->n_hooks = pixels ? req.n_hooks : 0;
+        memcpy(hb->hooks, hooks, sizeof(int) * (size_t)hb->n_hooks);
+    }
+    clh_image_outputs out;
+    memset(&out, 0, sizeof out);
+    clh_tensor *text = NULL;
+    CHECK(L, clh_hclip_forward(hb->h, train, pixels, pixels ? &req : NULL, pixels ? &out : NULL,
+                               ids, n_text, context, n_text > 0 ? &text : NULL));
+    if (train)
+        hb->owner->ws_trainer = hb;
+    if (text)
+        tensor_adopt(L, text_box, text, hb->owner);
+    if (pixels) {
+        push_image_result(L, first, &req, &out, hb->owner);
+    } else {
+        lua_createtable(L, 0, 1);
+    }
+    if (text) {
+        lua_pushvalue(L, text_idx);
+        lua_setfield(L, -2, "text");
+    }
+    return 1;
+}
+
+/* Field `key` of the gradient table at idx: a Tensor in the model's context, or NULL.
+ * The value stays on the stack (so the tensor stays alive during the call). */
+static const clh_tensor *grad_field(lua_State *L, HclipBox *hb, int idx, const char *key) {
+    if (lua_getfield(L, idx, key) == LUA_TNIL)
+        return NULL;
+    char what[64];
+    snprintf(what, sizeof what, "backward: gradOutput.%s", key);
+    return check_tensor_in(L, lua_gettop(L), hb->owner, what);
+}
+
+/* gradOutput.hooks {[block]=Tensor} -> d_hooks in the order of the forward's hooks. */
+static int grad_hooks(lua_State *L, HclipBox *hb, int idx, const clh_tensor **d_hooks) {
+    if (lua_getfield(L, idx, "hooks") == LUA_TNIL)
+        return 0;
+    if (!lua_istable(L, -1))
+        luaL_error(L, "backward: gradOutput.hooks must be a table {[block]=Tensor} (got %s)",
+                   luaL_typename(L, -1));
+    int t = lua_gettop(L), any = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        int isnum;
+        lua_Integer block = lua_tointegerx(L, -2, &isnum);
+        if (!isnum)
+            luaL_error(L, "backward: gradOutput.hooks keys must be block indices (got %s)",
+                       luaL_typename(L, -2));
+        int slot = -1;
+        for (int i = 0; i < hb->n_hooks; i++)
+            if (hb->hooks[i] == block)
+                slot = i;
+        if (slot < 0)
+            luaL_error(L,
+                       "backward: gradOutput.hooks[%d]: the last training forward did not hook "
+                       "block %d",
+                       (int)block, (int)block);
+        char what[64];
+        snprintf(what, sizeof what, "backward: gradOutput.hooks[%d]", (int)block);
+        d_hooks[slot] = check_tensor_in(L, -1, hb->owner, what);
+        any = 1;
+        lua_pop(L, 1); /* the table keeps the tensor alive */
+    }
+    return any;
+}
+
+/* h:backward{pooled=, dense=, hooks={[block]=}, text=}: gradients of the outputs of the
+ * last training forward (missing ones count as zero), accumulated into the grads. */
+static int hclip_backward(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    const clh_tensor *dp = grad_field(L, hb, 2, "pooled");
+    const clh_tensor *dd = grad_field(L, hb, 2, "dense");
+    const clh_tensor *dt = grad_field(L, hb, 2, "text");
+    const clh_tensor *dh[64] = {NULL};
+    int any_hook = grad_hooks(L, hb, 2, dh);
+    if (hb->owner->ws_trainer == hb)
+        hb->owner->ws_trainer = NULL; /* the backward gives the workspace back */
+    CHECK(L, clh_hclip_backward(hb->h, dp, dd, any_hook ? dh : NULL, dt));
+    return 0;
+}
+
+/* h:export_folded(dir): plain CLIP weights with the transforms folded in */
+static int hclip_export_folded(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    CHECK(L, clh_hclip_export_folded(hb->h, luaL_checkstring(L, 2)));
+    return 0;
+}
+
+/* Option 'optimizer' of the table at idx: an AdamW, or a table holding one in its field
+ * 'optimizer' (an optim state or optim.AdamW); NULL when absent. Stays on the stack. */
+static clh_adamw *opt_optimizer(lua_State *L, int idx, HclipBox *hb) {
+    if (lua_isnoneornil(L, idx) || lua_getfield(L, idx, "optimizer") == LUA_TNIL)
+        return NULL;
+    if (lua_istable(L, -1))
+        lua_getfield(L, -1, "optimizer");
+    OptBox *b = luaL_testudata(L, -1, ADAMW_MT);
+    if (!b)
+        luaL_error(L,
+                   "option 'optimizer' must be a clhclip.AdamW or a table holding one in its "
+                   "field 'optimizer' (got %s)",
+                   luaL_typename(L, -1));
+    if (!b->opt)
+        luaL_error(L, "option 'optimizer': optimizer was freed");
+    if (b->owner != hb->owner)
+        luaL_error(L, "option 'optimizer' belongs to another context");
+    return b->opt;
+}
+
+/* h:save(path[, {optimizer=, step=, rng=true, extra=json}]). The training state (step
+ * and an RNG state: the default generator's for rng=true, or a given {seed=, counter=})
+ * is written unless rng=false. */
+static int hclip_save(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    const char *path = luaL_checkstring(L, 2);
+    check_opt_table(L, 3);
+    lua_settop(L, 3);
+    clh_adamw *opt = opt_optimizer(L, 3, hb);
+    clh_train_state state = {.step = opt ? clh_adamw_steps(opt) : 0, .rng = default_rng};
+    int has_step = 0, with_state = 1;
+    const char *extra = NULL;
+    if (!lua_isnil(L, 3)) {
+        lua_getfield(L, 3, "step");
+        has_step = !lua_isnil(L, -1);
+        state.step = (long)opt_int(L, 3, "step", state.step);
+        int t = lua_getfield(L, 3, "rng");
+        if (t == LUA_TTABLE)
+            read_rng_state(L, lua_gettop(L), &state.rng);
+        else if (t == LUA_TBOOLEAN)
+            with_state = lua_toboolean(L, -1);
+        else if (t != LUA_TNIL)
+            luaL_error(L, "option 'rng' must be a boolean or {seed=, counter=} (got %s)",
+                       luaL_typename(L, -1));
+        t = lua_getfield(L, 3, "extra");
+        if (t == LUA_TSTRING)
+            extra = lua_tostring(L, -1);
+        else if (t != LUA_TNIL)
+            luaL_error(L, "option 'extra' must be a (JSON) string (got %s)", luaL_typename(L, -1));
+    }
+    if (!with_state && has_step)
+        luaL_error(L, "save: a checkpoint stores the step together with an RNG state; "
+                      "rng=false cannot be combined with step");
+    luaL_argcheck(L, state.step >= 0, 3, "step must be >= 0");
+    CHECK(L, clh_hclip_save_checkpoint(hb->h, opt, with_state ? &state : NULL, extra, path));
+    return 0;
+}
+
+/* h:load(path[, {optimizer=, rng=true}]) -> {step=, rng={seed=, counter=}, extra=,
+ * optimizer_steps=}. When the file holds a training state, the default RNG continues
+ * from it unless rng=false. */
+static int hclip_load(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    const char *path = luaL_checkstring(L, 2);
+    check_opt_table(L, 3);
+    lua_settop(L, 3);
+    clh_adamw *opt = opt_optimizer(L, 3, hb);
+    int restore_rng = opt_bool(L, 3, "rng", 1);
+    /* Peek at the metadata: a training state is optional in the format. */
+    StBox *sb = lua_newuserdatauv(L, sizeof *sb, 0);
+    sb->f = NULL;
+    luaL_setmetatable(L, STFILE_MT);
+    clh_st_file *f = NULL;
+    CHECK(L, clh_st_open(path, &f));
+    sb->f = f;
+    int has_state = clh_st_metadata(f, "step") != NULL;
+    const char *extra = clh_st_metadata(f, "extra");
+    if (extra)
+        lua_pushstring(L, extra);
+    else
+        lua_pushnil(L);
+    int extra_idx = lua_gettop(L);
+    clh_st_close(sb->f);
+    sb->f = NULL;
+    clh_train_state state;
+    memset(&state, 0, sizeof state);
+    CHECK(L, clh_hclip_load_checkpoint(hb->h, opt, has_state ? &state : NULL, path));
+    if (has_state && restore_rng)
+        default_rng = state.rng;
+    lua_createtable(L, 0, 4);
+    if (has_state) {
+        lua_pushinteger(L, state.step);
+        lua_setfield(L, -2, "step");
+        push_rng_state(L, &state.rng);
+        lua_setfield(L, -2, "rng");
+    }
+    lua_pushvalue(L, extra_idx);
+    lua_setfield(L, -2, "extra");
+    if (opt) {
+        lua_pushinteger(L, clh_adamw_steps(opt));
+        lua_setfield(L, -2, "optimizer_steps");
+    }
+    return 1;
+}
+
+/* 1-based layer option of the table at idx (nil: def) -> 0-based index. */
+static int opt_layer(lua_State *L, int idx, const char *key, int def) {
+    lua_Integer v = opt_int(L, idx, key, def + 1);
+    if (v < 1)
+        luaL_error(L, "option '%s' is a 1-based layer number (got %d)", key, (int)v);
+    return (int)v - 1;
+}
+
+/* h:he_loss{lambda=0, s=1, text=true, vision=true, first=1, last=nil}: the
+ * hyperspherical-energy term added by :backward (layers 1-based, inclusive; last=nil
+ * means up to each tower's last layer). lambda=0 switches it off. */
+static int hclip_he_loss(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    clh_he_options o;
+    memset(&o, 0, sizeof o);
+    o.lambda = (float)opt_num(L, 2, "lambda", 0.0);
+    o.s = (float)opt_num(L, 2, "s", 1.0);
+    o.text = opt_bool(L, 2, "text", 1);
+    o.vision = opt_bool(L, 2, "vision", 1);
+    o.first_layer = opt_layer(L, 2, "first", 0);
+    o.last_layer = -1; /* up to each tower's last layer */
+    lua_getfield(L, 2, "last");
+    if (!lua_isnil(L, -1))
+        o.last_layer = opt_layer(L, 2, "last", 0);
+    lua_pop(L, 1);
+    if (o.last_layer >= 0 && o.last_layer < o.first_layer)
+        luaL_error(L, "he_loss: last layer %d is before first layer %d", o.last_layer + 1,
+                   o.first_layer + 1);
+    CHECK(L, clh_hclip_set_he_loss(hb->h, &o));
+    return 0;
+}
+
+/* h:he_loss_value() -> the term's value at the last :backward */
+static int hclip_he_loss_value(lua_State *L) {
+    lua_pushnumber(L, clh_hclip_he_loss(check_hclip_box(L, 1)->h));
+    return 1;
+}
+
+/* h:he_drift([s=1]) -> {text={[layer]={q, k, v, o}}, vision={...}}: relative drift
+ * (HE(W') - HE(W)) / HE(W) of every adapted matrix; layers 1-based. */
+static int hclip_he_drift(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    double s = luaL_optnumber(L, 2, 1.0);
+    luaL_argcheck(L, s >= 0 && isfinite(s), 2, "s must be finite and >= 0");
+    const clh_dcrc_layout *lay = clh_hclip_layout(hb->h);
+    int lm = lay->text_layers > lay->vision_layers ? lay->text_layers : lay->vision_layers;
+    double *drift = scratch(L, (size_t)2 * lm * 4 * sizeof(double));
+    CHECK(L, clh_hclip_he_drift(hb->h, (float)s, drift));
+    lua_createtable(L, 0, 2);
+    const char *towers[2] = {"text", "vision"};
+    int layers[2] = {lay->text_layers, lay->vision_layers};
+    for (int e = 0; e < 2; e++) {
+        lua_createtable(L, layers[e], 0);
+        for (int l = 0; l < layers[e]; l++) {
+            lua_createtable(L, 4, 0);
+            for (int t = 0; t < 4; t++) {
+                lua_pushnumber(L, drift[((size_t)e * lm + l) * 4 + t]);
+                lua_rawseti(L, -2, t + 1);
+            }
+            lua_rawseti(L, -2, l + 1);
+        }
+        lua_setfield(L, -2, towers[e]);
+    }
+    return 1;
+}
+
+/* h:layout() -> {block_size=, text_layers=, vision_layers=, text_blocks=, vision_blocks=,
+ * n_blocks=, ortho=, modality_map=, layer_map=, recompute=} */
+static int hclip_layout(lua_State *L) {
+    HclipBox *hb = check_hclip_box(L, 1);
+    const clh_dcrc_layout *lay = clh_hclip_layout(hb->h);
+    const clh_hclip_options *o = clh_hclip_get_options(hb->h);
+    lua_createtable(L, 0, 10);
+#define SET_INT(k, v)                                                                              \
+    lua_pushinteger(L, (v));                                                                       \
+    lua_setfield(L, -2, k)
+#define SET_BOOL(k, v)                                                                             \
+    lua_pushboolean(L, (v));                                                                       \
+    lua_setfield(L, -2, k)
+    SET_INT("block_size", lay->q);
+    SET_INT("text_layers", lay->text_layers);
+    SET_INT("vision_layers", lay->vision_layers);
+    SET_INT("text_blocks", lay->text_blocks);
+    SET_INT("vision_blocks", lay->vision_blocks);
+    SET_INT("n_blocks", clh_dcrc_num_blocks(lay));
+    SET_BOOL("modality_map", !o->no_modality_map);
+    SET_BOOL("layer_map", !o->no_layer_map);
+    SET_BOOL("recompute", o->recompute != 0);
+#undef SET_INT
+#undef SET_BOOL
+    lua_pushstring(L, ortho_name(o->ortho));
+    lua_setfield(L, -2, "ortho");
+    return 1;
+}
+
+/* h:model() -> the CLIP the adapters sit on */
+static int hclip_model(lua_State *L) {
+    check_hclip_box(L, 1);
+    lua_getiuservalue(L, 1, HCLIP_UV_CLIP);
+    return 1;
+}
+
+static int hclip_tostring(lua_State *L) {
+    HclipBox *b = luaL_checkudata(L, 1, HCLIP_MT);
+    if (!b->h) {
+        lua_pushstring(L, "clhclip.HCLIP (freed)");
+        return 1;
+    }
+    const clh_dcrc_layout *lay = clh_hclip_layout(b->h);
+    lua_pushfstring(L, "clhclip.HCLIP (block %d, %d blocks, ortho %s)", lay->q,
+                    clh_dcrc_num_blocks(lay), ortho_name(clh_hclip_get_options(b->h)->ortho));
+    return 1;
+}
+
 /* ================================================================== safe variants */
 
 /* clh.safe.f(...) calls clh.f(...) and returns nil, message instead of raising. */
@@ -1934,6 +2822,56 @@ static const luaL_Reg clip_methods[] = {
     {NULL, NULL},
 };
 
+static const luaL_Reg adamw_methods[] = {
+    {"add_group", adamw_add_group},
+    {"add", adamw_add},
+    {"clip_grad_norm", adamw_clip_grad_norm},
+    {"step", adamw_step},
+    {"zero_grad", adamw_zero_grad},
+    {"steps", adamw_steps},
+    {"set_steps", adamw_set_steps},
+    {"num_params", adamw_num_params},
+    {"num_groups", adamw_num_groups},
+    {"group", adamw_group},
+    {"set_group", adamw_set_group},
+    {"set_lr", adamw_set_lr},
+    {"free", adamw_free},
+    {NULL, NULL},
+};
+
+static const luaL_Reg adamw_meta[] = {
+    {"__gc", adamw_free},
+    {"__close", adamw_free},
+    {"__tostring", adamw_tostring},
+    {NULL, NULL},
+};
+
+static const luaL_Reg hclip_methods[] = {
+    {"parameters", hclip_parameters},
+    {"param_names", hclip_param_names},
+    {"zero_grad", hclip_zero_grad},
+    {"update", hclip_update},
+    {"forward", hclip_forward},
+    {"backward", hclip_backward},
+    {"export_folded", hclip_export_folded},
+    {"save", hclip_save},
+    {"load", hclip_load},
+    {"he_loss", hclip_he_loss},
+    {"he_loss_value", hclip_he_loss_value},
+    {"he_drift", hclip_he_drift},
+    {"layout", hclip_layout},
+    {"model", hclip_model},
+    {"free", hclip_free},
+    {NULL, NULL},
+};
+
+static const luaL_Reg hclip_meta[] = {
+    {"__gc", hclip_free},
+    {"__close", hclip_free},
+    {"__tostring", hclip_tostring},
+    {NULL, NULL},
+};
+
 static const luaL_Reg clip_meta[] = {
     {"__gc", clip_free},
     {"__close", clip_free},
@@ -1956,12 +2894,16 @@ CTX_METHOD(ctx_tensor, l_tensor, 3)
 CTX_METHOD(ctx_load_clip, l_load_clip, 2)
 CTX_METHOD(ctx_load_tensor, l_load_tensor, 3)
 CTX_METHOD(ctx_preprocess, l_preprocess, 4)
+CTX_METHOD(ctx_randn, l_randn, 3)
+CTX_METHOD(ctx_adamw, l_adamw, 1)
 
 static const luaL_Reg ctx_ctor_methods[] = {
     {"tensor", ctx_tensor},
     {"load_clip", ctx_load_clip},
     {"load_tensor", ctx_load_tensor},
     {"preprocess", ctx_preprocess},
+    {"randn", ctx_randn},
+    {"adamw", ctx_adamw},
     {NULL, NULL},
 };
 
@@ -1990,6 +2932,13 @@ static const luaL_Reg module_funcs[] = {
     {"layer_norm", l_layer_norm},
     {"linear", l_linear},
     {"matmul", l_matmul},
+    {"manual_seed", l_manual_seed},
+    {"rng_state", l_rng_state},
+    {"set_rng_state", l_set_rng_state},
+    {"randn", l_randn},
+    {"hclip", l_hclip},
+    {"adamw", l_adamw},
+    {"cosine_schedule", l_cosine_schedule},
     {"now", l_now},
     {NULL, NULL},
 };
@@ -2039,6 +2988,8 @@ int luaopen_clhclip(lua_State *L) {
     new_class(L, TOKENIZER_MT, tok_meta, tok_methods);
     new_class(L, IMAGE_MT, img_meta, img_methods);
     new_class(L, CLIP_MT, clip_meta, clip_methods);
+    new_class(L, ADAMW_MT, adamw_meta, adamw_methods);
+    new_class(L, HCLIP_MT, hclip_meta, hclip_methods);
 
     luaL_newlib(L, module_funcs);
     lua_pushstring(L, CLHCLIP_VERSION);
