@@ -307,22 +307,23 @@ static clh_status backward_parameters(clh_hclip *h) {
 
 /* ------------------------------------------------------------------ forward */
 
-static void drop_pending(clh_hclip *h, tower_adapters *tw);
-
-/* Text was recorded above the image on the workspace stack: drop it first. */
-void clh_hclip_discard(clh_hclip *h) {
-    if (!h)
-        return;
-    drop_pending(h, &h->tw[TEXT]);
-    drop_pending(h, &h->tw[VISION]);
-}
-
+/* Invariant: a model has pending tapes only while it owns the top of its context's
+ * workspace (ctx->ws_owner), so resetting the workspace to its marks is safe. */
 static void drop_pending(clh_hclip *h, tower_adapters *tw) {
     if (!tw->pending)
         return;
     clip_tower_tape_release(&tw->tape);
     clh_ws_reset(h->ctx, tw->mark);
     tw->pending = 0;
+}
+
+/* Text was recorded above the image on the workspace stack: drop it first. */
+void clh_hclip_discard(clh_hclip *h) {
+    if (!h || h->ctx->ws_owner != h)
+        return;
+    drop_pending(h, &h->tw[TEXT]);
+    drop_pending(h, &h->tw[VISION]);
+    h->ctx->ws_owner = NULL;
 }
 
 static clh_status forward_image(clh_hclip *h, int train, const clh_tensor *pixels,
@@ -363,8 +364,10 @@ clh_status clh_hclip_forward(clh_hclip *h, int train, const clh_tensor *pixels,
         return clh_fail(h->ctx, CLH_ERR_INVALID_ARGUMENT,
                         "clh_hclip_forward: outputs missing for the requested towers");
     /* A new training forward replaces pending ones (the workspace is a stack). */
-    if (train)
-        clh_hclip_discard(h);
+    if (train) {
+        clh_hclip_discard(h->ctx->ws_owner); /* another model's pending forward, or ours */
+        h->ctx->ws_owner = h;
+    }
     if (pixels)
         CLH_TRY(forward_image(h, train, pixels, request, image));
     if (n_text > 0) {
@@ -698,6 +701,7 @@ clh_status clh_hclip_backward(clh_hclip *h, const clh_tensor *d_pooled, const cl
     clip_tower_tape_release(&vt->tape);
     tt->pending = vt->pending = 0;
     clh_ws_reset(h->ctx, bottom);
+    h->ctx->ws_owner = NULL;
     h->he_loss = 0;
     if (st == CLH_OK && h->he.lambda != 0.0f)
         st = he_loss_backward(h);

@@ -66,6 +66,9 @@ struct clh_ctx {
     size_t ws_chunk_used; /* floats used in the last chunk */
 
     size_t device_bytes, peak_device_bytes;
+    /* The H-CLIP model whose pending training forward holds the top of the workspace
+     * (NULL: none). Another model's training forward discards it first. */
+    struct clh_hclip *ws_owner;
     cl_mem int_scratch; /* device int buffer for host index uploads */
     size_t int_scratch_count;
 };

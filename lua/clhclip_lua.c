@@ -144,7 +144,6 @@ typedef struct CtxBox {
     int children; /* live tensors/models made in this context */
     int closed;   /* freed by the user or collected; destroyed when children == 0 */
     size_t gc_threshold;
-    const void *ws_trainer; /* the HCLIP whose training forward is on top of the workspace */
 } CtxBox;
 
 static void ctx_maybe_destroy(CtxBox *c) {
@@ -2210,27 +2209,10 @@ static int l_hclip(lua_State *L) {
     return 1;
 }
 
-/* clh_hclip_free keeps the workspace that a pending training forward holds (the
- * workspace is a stack per context). When this HCLIP's forward is the top one, a backward
- * without gradients gives it back; otherwise resetting could cut into another model's
- * pending forward, so it stays (see the report on the C API). */
-static void hclip_drop_pending(HclipBox *b) {
-    if (b->owner->ws_trainer != b)
-        return;
-    b->owner->ws_trainer = NULL;
-    if (!b->base->m)
-        return;
-    clh_he_options off;
-    memset(&off, 0, sizeof off);
-    (void)clh_hclip_set_he_loss(b->h, &off);
-    (void)clh_hclip_backward(b->h, NULL, NULL, NULL, NULL);
-}
-
 static int hclip_free(lua_State *L) {
     HclipBox *b = luaL_checkudata(L, 1, HCLIP_MT);
     if (b->h) {
-        hclip_drop_pending(b);
-        clh_hclip_free(b->h);
+        clh_hclip_free(b->h); /* also gives back a pending forward's workspace */
         b->h = NULL;
         ctx_release_child(b->owner);
         b->owner = NULL;
@@ -2409,8 +2391,6 @@ static int hclip_forward(lua_State *L) {
     clh_tensor *text = NULL;
     CHECK(L, clh_hclip_forward(hb->h, train, pixels, pixels ? &req : NULL, pixels ? &out : NULL,
                                ids, n_text, context, n_text > 0 ? &text : NULL));
-    if (train)
-        hb->owner->ws_trainer = hb;
     if (text)
         tensor_adopt(L, text_box, text, hb->owner);
     if (pixels) {
@@ -2479,8 +2459,6 @@ static int hclip_backward(lua_State *L) {
     const clh_tensor *dt = grad_field(L, hb, 2, "text");
     const clh_tensor *dh[64] = {NULL};
     int any_hook = grad_hooks(L, hb, 2, dh);
-    if (hb->owner->ws_trainer == hb)
-        hb->owner->ws_trainer = NULL; /* the backward gives the workspace back */
     CHECK(L, clh_hclip_backward(hb->h, dp, dd, any_hook ? dh : NULL, dt));
     return 0;
 }

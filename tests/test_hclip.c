@@ -713,6 +713,42 @@ static void test_parity_no_maps(void **state) {
     run_hclip_parity("hclip_tiny_no_maps");
 }
 
+/* Two models on one context: a training forward of one discards the other's pending one
+ * (the workspace is a stack), and freeing models gives their workspace back. */
+static void test_two_models_share_workspace(void **state) {
+    TU_CTX_OR_SKIP(ctx);
+    clh_clip *m = load_model(MODEL);
+    io in = make_inputs(m);
+    clh_hclip_options opt = {.block_size = 16};
+    clh_hclip *a, *b;
+    TU_OK(clh_hclip_new(m, &opt, &a));
+    TU_OK(clh_hclip_new(m, &opt, &b));
+    clh_image_request req = {0, 1, 1, 0, NULL};
+    clh_image_outputs oa, ob;
+    TU_OK(clh_hclip_forward(a, 1, in.pixels, &req, &oa, NULL, 0, 0, NULL));
+    TU_OK(clh_hclip_forward(b, 1, in.pixels, &req, &ob, NULL, 0, 0, NULL));
+    TU_FAILS(clh_hclip_backward(a, NULL, oa.dense, NULL, NULL), CLH_ERR_INVALID_ARGUMENT,
+             "no training forward");
+    TU_OK(clh_hclip_backward(b, NULL, ob.dense, NULL, NULL));
+    clh_image_outputs_release(&oa);
+    clh_image_outputs_release(&ob);
+    size_t after_first = 0;
+    for (int i = 0; i < 6; i++) { /* pending forwards dropped by free do not pile up */
+        clh_hclip *c;
+        TU_OK(clh_hclip_new(m, &opt, &c));
+        TU_OK(clh_hclip_forward(c, 1, in.pixels, &req, &oa, NULL, 0, 0, NULL));
+        clh_image_outputs_release(&oa);
+        clh_hclip_free(c);
+        if (i == 0)
+            after_first = clh_ctx_device_bytes(ctx);
+    }
+    assert_int_equal(clh_ctx_device_bytes(ctx), after_first);
+    clh_hclip_free(a);
+    clh_hclip_free(b);
+    free_inputs(&in);
+    clh_clip_free(m);
+}
+
 /* ------------------------------------------------------------------ large step (optional) */
 
 /* One training step (forward + backward through both towers) of the model in
@@ -802,6 +838,7 @@ int main(void) {
         cmocka_unit_test(test_resume_is_bit_identical),
         cmocka_unit_test(test_loss_falls_over_100_steps),
         cmocka_unit_test(test_he_drift_and_loss),
+        cmocka_unit_test(test_two_models_share_workspace),
         cmocka_unit_test(test_large_training_step),
     };
     return cmocka_run_group_tests_name("hclip", tests, tu_setup_tmp, teardown);
