@@ -370,17 +370,12 @@ static clh_status read_into(const clh_st_file *f, const char *path, const char *
     return st;
 }
 
+/* Counts and sizes were checked by validate(). */
 static clh_status load_optimizer(const clh_st_file *f, const char *path, clh_adamw *opt) {
-    uint64_t n, t;
-    CLH_TRY(meta_u64(f, path, "adamw_params", &n));
+    uint64_t t;
     CLH_TRY(meta_u64(f, path, "adamw_t", &t));
-    if ((int)n != clh_adamw_num_params(opt))
-        return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT,
-                        "checkpoint '%s' holds optimiser state "
-                        "for %d parameters, the optimiser has %d",
-                        path, (int)n, clh_adamw_num_params(opt));
     char name[64];
-    for (int i = 0; i < (int)n; i++) {
+    for (int i = 0; i < clh_adamw_num_params(opt); i++) {
         clh_adamw_param *p = clh_adamw_param_at(opt, i);
         snprintf(name, sizeof name, "adamw.m.%d", i);
         CLH_TRY(read_into(f, path, name, p->m));
@@ -402,8 +397,9 @@ static clh_status validate(clh_hclip *h, clh_adamw *opt, const clh_st_file *f, c
     }
     if (!opt)
         return CLH_OK;
-    uint64_t n;
+    uint64_t n, t;
     CLH_TRY(meta_u64(f, path, "adamw_params", &n));
+    CLH_TRY(meta_u64(f, path, "adamw_t", &t));
     if ((int)n != clh_adamw_num_params(opt))
         return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT,
                         "checkpoint '%s' holds optimiser state for %d parameters, the optimiser "

@@ -584,13 +584,16 @@ static clh_status vision_head_grads(clh_hclip *h, clip_scratch *s, const clh_ten
         CLH_TRY(clip_ws2(ctx, s, n, d, &dcls));
         CLH_TRY(head_backward(ctx, s, tp->cls, m->post_ln_w, m->cfg.vision.eps, m->vis_proj,
                               d_pooled, dcls));
-        int32_t index[256];
-        if (n > 256)
-            return clh_fail(ctx, CLH_ERR_UNSUPPORTED, "H-CLIP backward: batch above 256");
+        int32_t *index = malloc((size_t)n * sizeof *index);
+        if (!index)
+            return clh_fail(ctx, CLH_ERR_OUT_OF_MEMORY, "H-CLIP backward: out of host memory");
         for (int64_t i = 0; i < n; i++)
-            index[i] = (int32_t)(i * len);
-        CLH_TRY(clip_as2(ctx, s, g, &g2));
-        CLH_TRY(clh_scatter_add_rows(ctx, dcls, index, (size_t)n, g2));
+            index[i] = (int32_t)(i * len); /* the CLS row of every sequence */
+        clh_status st = clip_as2(ctx, s, g, &g2);
+        if (st == CLH_OK)
+            st = clh_scatter_add_rows(ctx, dcls, index, (size_t)n, g2);
+        free(index);
+        CLH_TRY(st);
     }
     if (d_dense && !tp->catseg) {
         clh_tensor *dsrc;
