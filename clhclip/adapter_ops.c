@@ -9,102 +9,17 @@
 #include <string.h>
 
 #include "hclip.h"
-#include "internal.h"
+#include "layer_util.h"
 
 /* ------------------------------------------------------------------ checks */
 
-static clh_status check_ctx(clh_ctx *ctx, const char *fn) {
-    return ctx ? CLH_OK : clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT, "%s: NULL context", fn);
-}
-
-/* Kernels index with int: a tensor must end below 2^31 elements in its buffer. */
-static clh_status check_tensor(clh_ctx *ctx, const char *fn, const char *name,
-                               const clh_tensor *t) {
-    if (!t)
-        return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: tensor %s is NULL", fn, name);
-    if (t->ctx != ctx)
-        return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: tensor %s belongs to another context",
-                        fn, name);
-    if (t->offset + t->numel > (size_t)INT_MAX)
-        return clh_fail(ctx, CLH_ERR_UNSUPPORTED,
-                        "%s: tensor %s (%zu elements at offset %zu) is beyond the 2^31-1 "
-                        "elements kernels can index",
-                        fn, name, t->numel, t->offset);
-    return CLH_OK;
-}
-
-/* check_tensor for an optional tensor. */
-static clh_status check_optional(clh_ctx *ctx, const char *fn, const char *name,
-                                 const clh_tensor *t) {
-    return t ? check_tensor(ctx, fn, name, t) : CLH_OK;
-}
-
-/* t must have exactly the given shape. */
-static clh_status check_shape_is(clh_ctx *ctx, const char *fn, const char *name,
-                                 const clh_tensor *t, int ndim, const int64_t *shape) {
-    int same = t->ndim == ndim;
-    for (int i = 0; same && i < ndim; i++)
-        same = t->shape[i] == shape[i];
-    if (same)
-        return CLH_OK;
-    char got[128], want[128];
-    clh_shape_str(t->ndim, t->shape, got, sizeof got);
-    clh_shape_str(ndim, shape, want, sizeof want);
-    return clh_fail(ctx, CLH_ERR_SHAPE, "%s: %s has shape %s, expected %s", fn, name, got, want);
-}
-
-static int overlaps(const clh_tensor *a, const clh_tensor *b) {
-    return a && b && a->mem == b->mem && a->offset < b->offset + b->numel &&
-           b->offset < a->offset + a->numel;
-}
-
-static int64_t last_dim(const clh_tensor *t) {
-    return t->ndim > 0 ? t->shape[t->ndim - 1] : 1;
-}
-
 /* ------------------------------------------------------------------ launch helpers */
-
-#define NARGS(args) ((int)(sizeof(args) / sizeof((args)[0])))
 
 /* A 1-D window of `numel` elements of t starting `offset` elements into it: the
  * operand of one GEMM among several that share a tensor. */
 static clh_status window(const clh_tensor *t, size_t offset, size_t numel, clh_tensor **out) {
     int64_t shape[1] = {(int64_t)numel};
     return clh_tensor_view((clh_tensor *)t, offset, 1, shape, out);
-}
-
-static clh_status launch_2d(clh_ctx *ctx, const char *kernel, size_t cols, size_t rows, int nargs,
-                            const clh_karg *args) {
-    size_t global[2] = {cols, rows};
-    return clh_launch(ctx, kernel, 2, global, NULL, nargs, args);
-}
-
-/* Largest power of two within the kernel's limit, the device's dimension-0 limit and
- * `cap`: the work-group size of the one-group-per-row kernels, whose tree reductions
- * need a power of two. */
-static clh_status group_size(clh_ctx *ctx, const char *kernel, size_t cap, size_t *local) {
-    size_t limit = 0;
-    CLH_TRY(clh_kernel_wg_size(ctx, kernel, &limit));
-    if (limit > cap)
-        limit = cap;
-    if (ctx->info.max_work_item_sizes[0] && limit > ctx->info.max_work_item_sizes[0])
-        limit = ctx->info.max_work_item_sizes[0];
-    size_t size = 1;
-    while (size * 2 <= limit)
-        size *= 2;
-    *local = size;
-    return CLH_OK;
-}
-
-/* One work-group per row for `rows` rows; args[nargs - 1] is the CLH_KLOCAL slot of
- * one float per work-item, sized here. */
-static clh_status launch_rows(clh_ctx *ctx, const char *kernel, size_t rows, int nargs,
-                              clh_karg *args) {
-    size_t local[1];
-    CLH_TRY(group_size(ctx, kernel, 256, local));
-    size_t global[1] = {rows * local[0]};
-    args[nargs - 1] = (clh_karg)CLH_KLOCAL(local[0] * sizeof(float));
-    return clh_launch(ctx, kernel, 1, global, local, nargs, args);
 }
 
 /* Workspace tensor whose end kernels can index. */
@@ -178,7 +93,7 @@ static clh_status per_block_gemm(clh_ctx *ctx, int trans_r, size_t rows, size_t 
 /* x [..., D] and a same-shaped partner (y, dy or dx). */
 static clh_status check_rows_like(clh_ctx *ctx, const char *fn, const char *x_name,
                                   const clh_tensor *x, const char *y_name, const clh_tensor *y) {
-    if (y->numel != x->numel || y->ndim < 1 || last_dim(y) != last_dim(x)) {
+    if (y->numel != x->numel || y->ndim < 1 || clh_last_dim(y) != clh_last_dim(x)) {
         char sx[128], sy[128];
         clh_shape_str(x->ndim, x->shape, sx, sizeof sx);
         clh_shape_str(y->ndim, y->shape, sy, sizeof sy);
@@ -191,16 +106,16 @@ static clh_status check_rows_like(clh_ctx *ctx, const char *fn, const char *x_na
 clh_status clh_blockdiag_forward(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *blocks,
                                  clh_tensor *y) {
     static const char fn[] = "clh_blockdiag_forward";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "blocks", blocks));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "blocks", blocks));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
     if (x->ndim < 1)
         return clh_fail(ctx, CLH_ERR_SHAPE, "%s: x must be [..., D], not a scalar", fn);
-    size_t nb = 0, q = 0, d = (size_t)last_dim(x);
+    size_t nb = 0, q = 0, d = (size_t)clh_last_dim(x);
     CLH_TRY(check_blocks(ctx, fn, blocks, (int64_t)d, &nb, &q));
     CLH_TRY(check_rows_like(ctx, fn, "x", x, "y", y));
-    if (overlaps(x, y) || overlaps(blocks, y))
+    if (clh_overlaps(x, y) || clh_overlaps(blocks, y))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: y must not alias x or blocks", fn);
     size_t rows = x->numel / d;
     if (rows == 0)
@@ -211,26 +126,26 @@ clh_status clh_blockdiag_forward(clh_ctx *ctx, const clh_tensor *x, const clh_te
 clh_status clh_blockdiag_backward(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *blocks,
                                   const clh_tensor *dy, clh_tensor *dx, clh_tensor *dblocks) {
     static const char fn[] = "clh_blockdiag_backward";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "blocks", blocks));
-    CLH_TRY(check_tensor(ctx, fn, "dy", dy));
-    CLH_TRY(check_optional(ctx, fn, "dx", dx));
-    CLH_TRY(check_optional(ctx, fn, "dblocks", dblocks));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "blocks", blocks));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dy", dy));
+    CLH_TRY(clh_check_optional(ctx, fn, "dx", dx));
+    CLH_TRY(clh_check_optional(ctx, fn, "dblocks", dblocks));
     if (x->ndim < 1)
         return clh_fail(ctx, CLH_ERR_SHAPE, "%s: x must be [..., D], not a scalar", fn);
-    size_t nb = 0, q = 0, d = (size_t)last_dim(x);
+    size_t nb = 0, q = 0, d = (size_t)clh_last_dim(x);
     CLH_TRY(check_blocks(ctx, fn, blocks, (int64_t)d, &nb, &q));
     CLH_TRY(check_rows_like(ctx, fn, "x", x, "dy", dy));
     if (dx) {
         CLH_TRY(check_rows_like(ctx, fn, "x", x, "dx", dx));
-        if (overlaps(dx, dy) || overlaps(dx, blocks))
+        if (clh_overlaps(dx, dy) || clh_overlaps(dx, blocks))
             return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: dx must not alias dy or blocks",
                             fn);
     }
     if (dblocks) {
-        CLH_TRY(check_shape_is(ctx, fn, "dblocks", dblocks, blocks->ndim, blocks->shape));
-        if (overlaps(dblocks, x) || overlaps(dblocks, dy))
+        CLH_TRY(clh_check_shape_is(ctx, fn, "dblocks", dblocks, blocks->ndim, blocks->shape));
+        if (clh_overlaps(dblocks, x) || clh_overlaps(dblocks, dy))
             return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: dblocks must not alias x or dy",
                             fn);
     }
@@ -249,10 +164,10 @@ clh_status clh_blockdiag_backward(clh_ctx *ctx, const clh_tensor *x, const clh_t
 clh_status clh_blockdiag_fold(clh_ctx *ctx, const clh_tensor *w, const clh_tensor *blocks, int side,
                               clh_tensor *w_out) {
     static const char fn[] = "clh_blockdiag_fold";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "w", w));
-    CLH_TRY(check_tensor(ctx, fn, "blocks", blocks));
-    CLH_TRY(check_tensor(ctx, fn, "w_out", w_out));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "w", w));
+    CLH_TRY(clh_check_tensor(ctx, fn, "blocks", blocks));
+    CLH_TRY(clh_check_tensor(ctx, fn, "w_out", w_out));
     if (side != 0 && side != 1)
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT,
                         "%s: side = %d must be 0 (w . BD, input side) or 1 (BD . w, output side)",
@@ -265,8 +180,8 @@ clh_status clh_blockdiag_fold(clh_ctx *ctx, const clh_tensor *w, const clh_tenso
     /* w [n, D] (side 0) or [D, n] (side 1); H-CLIP's weights are square, n = D */
     size_t nb = 0, q = 0, d = (size_t)w->shape[side == 0 ? 1 : 0], other = (size_t)w->shape[side];
     CLH_TRY(check_blocks(ctx, fn, blocks, (int64_t)d, &nb, &q));
-    CLH_TRY(check_shape_is(ctx, fn, "w_out", w_out, 2, w->shape));
-    if (overlaps(w, w_out) || overlaps(blocks, w_out))
+    CLH_TRY(clh_check_shape_is(ctx, fn, "w_out", w_out, 2, w->shape));
+    if (clh_overlaps(w, w_out) || clh_overlaps(blocks, w_out))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: w_out must not alias w or blocks", fn);
     if (other == 0)
         return CLH_OK;
@@ -302,7 +217,7 @@ static size_t inverse_local_bytes(size_t m, size_t group) {
  * 2 m columns of [W | V] (one work-item per column in the elimination). */
 static clh_status inverse_group(clh_ctx *ctx, const char *kernel, size_t m, size_t *group) {
     size_t cap = 2 * m < 256 ? 2 * m : 256;
-    return group_size(ctx, kernel, cap, group);
+    return clh_group_size(ctx, kernel, cap, group);
 }
 
 /* Launch the local-memory variant when W and V fit (with 1 KiB spare for what the
@@ -366,13 +281,13 @@ static clh_status report_singular(clh_ctx *ctx, const clh_tensor *status, size_t
  * at most sqrt(1 + ||S||^2); the elimination never meets a tiny pivot there. */
 clh_status clh_batched_inverse(clh_ctx *ctx, const clh_tensor *a, clh_tensor *inv) {
     static const char fn[] = "clh_batched_inverse";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "a", a));
-    CLH_TRY(check_tensor(ctx, fn, "inv", inv));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "a", a));
+    CLH_TRY(clh_check_tensor(ctx, fn, "inv", inv));
     size_t n = 0, m = 0;
     CLH_TRY(check_square_batch(ctx, fn, "a", a, &n, &m));
-    CLH_TRY(check_shape_is(ctx, fn, "inv", inv, 3, a->shape));
-    if (overlaps(a, inv))
+    CLH_TRY(clh_check_shape_is(ctx, fn, "inv", inv, 3, a->shape));
+    if (clh_overlaps(a, inv))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: inv must not alias a", fn);
     if (n == 0 || m == 0)
         return CLH_OK;
@@ -401,7 +316,7 @@ static clh_status cayley_forward_core(clh_ctx *ctx, const clh_tensor *raw, clh_t
     }
     int n_i = (int)n, m_i = (int)m;
     clh_karg args[] = {CLH_KTENSOR(raw), CLH_KTENSOR(a), CLH_KARG(n_i), CLH_KARG(m_i)};
-    CLH_TRY(launch_2d(ctx, "cayley_one_plus_skew", m * m, n, NARGS(args), args));
+    CLH_TRY(clh_launch_2d(ctx, "cayley_one_plus_skew", m * m, n, NARGS(args), args));
     clh_status st = clh_batched_inverse(ctx, a, inv);
     if (st != CLH_OK) {
         /* I + S is never singular for finite raw (see clh_batched_inverse) */
@@ -417,16 +332,16 @@ static clh_status cayley_forward_core(clh_ctx *ctx, const clh_tensor *raw, clh_t
 
 clh_status clh_cayley_forward(clh_ctx *ctx, const clh_tensor *raw, clh_tensor *r, clh_tensor *inv) {
     static const char fn[] = "clh_cayley_forward";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "raw", raw));
-    CLH_TRY(check_tensor(ctx, fn, "r", r));
-    CLH_TRY(check_optional(ctx, fn, "inv", inv));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "raw", raw));
+    CLH_TRY(clh_check_tensor(ctx, fn, "r", r));
+    CLH_TRY(clh_check_optional(ctx, fn, "inv", inv));
     size_t n = 0, m = 0;
     CLH_TRY(check_square_batch(ctx, fn, "raw", raw, &n, &m));
-    CLH_TRY(check_shape_is(ctx, fn, "r", r, 3, raw->shape));
+    CLH_TRY(clh_check_shape_is(ctx, fn, "r", r, 3, raw->shape));
     if (inv)
-        CLH_TRY(check_shape_is(ctx, fn, "inv", inv, 3, raw->shape));
-    if (overlaps(r, inv))
+        CLH_TRY(clh_check_shape_is(ctx, fn, "inv", inv, 3, raw->shape));
+    if (clh_overlaps(r, inv))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: r must not alias inv", fn);
     if (n == 0 || m == 0)
         return CLH_OK;
@@ -453,23 +368,23 @@ static clh_status cayley_backward_core(clh_ctx *ctx, const clh_tensor *inv, cons
     CLH_TRY(clh_gemm_batched(ctx, 1, 0, m, m, m, -2.0f, inv, m, mm, t1, m, mm, 0.0f, ds, m, mm, n));
     int n_i = (int)n, m_i = (int)m;
     clh_karg args[] = {CLH_KTENSOR(ds), CLH_KTENSOR(draw), CLH_KARG(n_i), CLH_KARG(m_i)};
-    return launch_2d(ctx, "cayley_skew_part", mm, n, NARGS(args), args);
+    return clh_launch_2d(ctx, "cayley_skew_part", mm, n, NARGS(args), args);
 }
 
 clh_status clh_cayley_backward(clh_ctx *ctx, const clh_tensor *raw, const clh_tensor *inv,
                                const clh_tensor *dr, clh_tensor *draw) {
     static const char fn[] = "clh_cayley_backward";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "raw", raw));
-    CLH_TRY(check_tensor(ctx, fn, "inv", inv));
-    CLH_TRY(check_tensor(ctx, fn, "dr", dr));
-    CLH_TRY(check_tensor(ctx, fn, "draw", draw));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "raw", raw));
+    CLH_TRY(clh_check_tensor(ctx, fn, "inv", inv));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dr", dr));
+    CLH_TRY(clh_check_tensor(ctx, fn, "draw", draw));
     size_t n = 0, m = 0;
     CLH_TRY(check_square_batch(ctx, fn, "raw", raw, &n, &m));
-    CLH_TRY(check_shape_is(ctx, fn, "inv", inv, 3, raw->shape));
-    CLH_TRY(check_shape_is(ctx, fn, "dr", dr, 3, raw->shape));
-    CLH_TRY(check_shape_is(ctx, fn, "draw", draw, 3, raw->shape));
-    if (overlaps(draw, inv))
+    CLH_TRY(clh_check_shape_is(ctx, fn, "inv", inv, 3, raw->shape));
+    CLH_TRY(clh_check_shape_is(ctx, fn, "dr", dr, 3, raw->shape));
+    CLH_TRY(clh_check_shape_is(ctx, fn, "draw", draw, 3, raw->shape));
+    if (clh_overlaps(draw, inv))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: draw must not alias inv", fn);
     if (n == 0 || m == 0)
         return CLH_OK;
@@ -537,18 +452,18 @@ static clh_status check_dcrc_tensors(clh_ctx *ctx, const char *fn, const dcrc_di
     const int64_t a_shape[3] = {d->layers, d->mods, d->mods};
     const int64_t b_shape[2] = {d->slots, d->slots};
     const int64_t raw_shape[3] = {d->blocks, d->q, d->q};
-    CLH_TRY(check_tensor(ctx, fn, "p", p));
-    CLH_TRY(check_shape_is(ctx, fn, "p", p, 4, p_shape));
+    CLH_TRY(clh_check_tensor(ctx, fn, "p", p));
+    CLH_TRY(clh_check_shape_is(ctx, fn, "p", p, 4, p_shape));
     if (a) {
-        CLH_TRY(check_tensor(ctx, fn, "a", a));
-        CLH_TRY(check_shape_is(ctx, fn, "a", a, 3, a_shape));
+        CLH_TRY(clh_check_tensor(ctx, fn, "a", a));
+        CLH_TRY(clh_check_shape_is(ctx, fn, "a", a, 3, a_shape));
     }
     if (b) {
-        CLH_TRY(check_tensor(ctx, fn, "b", b));
-        CLH_TRY(check_shape_is(ctx, fn, "b", b, 2, b_shape));
+        CLH_TRY(clh_check_tensor(ctx, fn, "b", b));
+        CLH_TRY(clh_check_shape_is(ctx, fn, "b", b, 2, b_shape));
     }
-    CLH_TRY(check_tensor(ctx, fn, raw_name, raw));
-    return check_shape_is(ctx, fn, raw_name, raw, 3, raw_shape);
+    CLH_TRY(clh_check_tensor(ctx, fn, raw_name, raw));
+    return clh_check_shape_is(ctx, fn, raw_name, raw, 3, raw_shape);
 }
 
 /* K [n_blocks, S*M]: K[(e,l,t,j), (s,m)] = B[4l+t, s] A_l[m_e(j), m], so that
@@ -564,8 +479,8 @@ static clh_status dcrc_build_k(clh_ctx *ctx, const clh_dcrc_layout *l, const dcr
         CLH_KARG(has_b),          CLH_KTENSOR(k),           CLH_KARG(d->blocks),
         CLH_KARG(l->text_layers), CLH_KARG(l->text_blocks), CLH_KARG(l->vision_blocks),
         CLH_KARG(d->slots),       CLH_KARG(d->mods)};
-    return launch_2d(ctx, "dcrc_build_k", (size_t)d->slots * (size_t)d->mods, (size_t)d->blocks,
-                     NARGS(args), args);
+    return clh_launch_2d(ctx, "dcrc_build_k", (size_t)d->slots * (size_t)d->mods, (size_t)d->blocks,
+                         NARGS(args), args);
 }
 
 static clh_status dcrc_forward_core(clh_ctx *ctx, const clh_dcrc_layout *l, const dcrc_dims *d,
@@ -581,11 +496,11 @@ static clh_status dcrc_forward_core(clh_ctx *ctx, const clh_dcrc_layout *l, cons
 clh_status clh_dcrc_forward(clh_ctx *ctx, const clh_dcrc_layout *layout, const clh_tensor *p,
                             const clh_tensor *a, const clh_tensor *b, clh_tensor *raw) {
     static const char fn[] = "clh_dcrc_forward";
-    CLH_TRY(check_ctx(ctx, fn));
+    CLH_TRY(clh_check_ctx(ctx, fn));
     dcrc_dims d;
     CLH_TRY(dcrc_layout_dims(ctx, fn, layout, &d));
     CLH_TRY(check_dcrc_tensors(ctx, fn, &d, p, a, b, "raw", raw));
-    if (overlaps(raw, p) || overlaps(raw, a) || overlaps(raw, b))
+    if (clh_overlaps(raw, p) || clh_overlaps(raw, a) || clh_overlaps(raw, b))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: raw must not alias p, a or b", fn);
     size_t mark = clh_ws_mark(ctx);
     clh_tensor *tmp[1] = {NULL};
@@ -606,8 +521,8 @@ static clh_status dcrc_grad_maps(clh_ctx *ctx, const clh_dcrc_layout *l, const d
                            CLH_KARG(l->text_layers), CLH_KARG(l->vision_layers),
                            CLH_KARG(l->text_blocks), CLH_KARG(l->vision_blocks),
                            CLH_KARG(d->slots),       CLH_KARG(d->mods)};
-        CLH_TRY(
-            launch_2d(ctx, "dcrc_grad_b", (size_t)d->slots, (size_t)d->slots, NARGS(args), args));
+        CLH_TRY(clh_launch_2d(ctx, "dcrc_grad_b", (size_t)d->slots, (size_t)d->slots, NARGS(args),
+                              args));
     }
     if (da) {
         clh_karg args[] = {CLH_KTENSOR(dk),          CLH_KTENSOR(b_t),
@@ -615,8 +530,8 @@ static clh_status dcrc_grad_maps(clh_ctx *ctx, const clh_dcrc_layout *l, const d
                            CLH_KARG(l->text_layers), CLH_KARG(l->vision_layers),
                            CLH_KARG(l->text_blocks), CLH_KARG(l->vision_blocks),
                            CLH_KARG(d->slots),       CLH_KARG(d->mods)};
-        CLH_TRY(launch_2d(ctx, "dcrc_grad_a", (size_t)d->mods * (size_t)d->mods, (size_t)d->layers,
-                          NARGS(args), args));
+        CLH_TRY(clh_launch_2d(ctx, "dcrc_grad_a", (size_t)d->mods * (size_t)d->mods,
+                              (size_t)d->layers, NARGS(args), args));
     }
     return CLH_OK;
 }
@@ -645,26 +560,26 @@ clh_status clh_dcrc_backward(clh_ctx *ctx, const clh_dcrc_layout *layout, const 
                              const clh_tensor *a, const clh_tensor *b, const clh_tensor *draw,
                              clh_tensor *dp, clh_tensor *da, clh_tensor *db) {
     static const char fn[] = "clh_dcrc_backward";
-    CLH_TRY(check_ctx(ctx, fn));
+    CLH_TRY(clh_check_ctx(ctx, fn));
     dcrc_dims d;
     CLH_TRY(dcrc_layout_dims(ctx, fn, layout, &d));
     CLH_TRY(check_dcrc_tensors(ctx, fn, &d, p, a, b, "draw", draw));
     /* gradients have their parameter's shape, also where the parameter is NULL */
     const int64_t a_shape[3] = {d.layers, d.mods, d.mods};
     const int64_t b_shape[2] = {d.slots, d.slots};
-    CLH_TRY(check_optional(ctx, fn, "dp", dp));
-    CLH_TRY(check_optional(ctx, fn, "da", da));
-    CLH_TRY(check_optional(ctx, fn, "db", db));
+    CLH_TRY(clh_check_optional(ctx, fn, "dp", dp));
+    CLH_TRY(clh_check_optional(ctx, fn, "da", da));
+    CLH_TRY(clh_check_optional(ctx, fn, "db", db));
     if (dp)
-        CLH_TRY(check_shape_is(ctx, fn, "dp", dp, 4, p->shape));
+        CLH_TRY(clh_check_shape_is(ctx, fn, "dp", dp, 4, p->shape));
     if (da)
-        CLH_TRY(check_shape_is(ctx, fn, "da", da, 3, a_shape));
+        CLH_TRY(clh_check_shape_is(ctx, fn, "da", da, 3, a_shape));
     if (db)
-        CLH_TRY(check_shape_is(ctx, fn, "db", db, 2, b_shape));
+        CLH_TRY(clh_check_shape_is(ctx, fn, "db", db, 2, b_shape));
     const clh_tensor *grads[3] = {dp, da, db}, *inputs[4] = {p, a, b, draw};
     for (int i = 0; i < 3; i++)
         for (int j = 0; j < 4; j++)
-            if (overlaps(grads[i], inputs[j]))
+            if (clh_overlaps(grads[i], inputs[j]))
                 return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT,
                                 "%s: the gradients must not alias p, a, b or draw", fn);
     if (!dp && !da && !db)
@@ -689,8 +604,8 @@ typedef struct he_geometry {
 
 static clh_status he_check(clh_ctx *ctx, const char *fn, const clh_tensor *w, int axis, float s,
                            he_geometry *g) {
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "w", w));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "w", w));
     if (w->ndim != 2) {
         char sh[128];
         clh_shape_str(w->ndim, w->shape, sh, sizeof sh);
@@ -734,7 +649,7 @@ static clh_status he_prepare(clh_ctx *ctx, const char *fn, const clh_tensor *w,
     clh_karg args[] = {CLH_KTENSOR(w),      CLH_KARG(rs),        CLH_KARG(cs),
                        CLH_KARG(nv),        CLH_KARG(len),       CLH_KTENSOR(tmp[0]),
                        CLH_KTENSOR(tmp[1]), CLH_KTENSOR(tmp[2]), CLH_KLOCAL(0)};
-    return launch_rows(ctx, "he_normalize", g->nv, NARGS(args), args);
+    return clh_launch_rows(ctx, "he_normalize", g->nv, NARGS(args), args);
 }
 
 /* Gram tile rows i0 .. i0 + rows - 1 against all vectors: gram = what[i0:] what^T. */
@@ -777,7 +692,7 @@ static clh_status he_forward_core(clh_ctx *ctx, const clh_tensor *w, const he_ge
         clh_karg args[] = {CLH_KTENSOR(gram),    CLH_KTENSOR(sq), CLH_KARG(i0_i),
                            CLH_KARG(rows_i),     CLH_KARG(nv),    CLH_KARG(s),
                            CLH_KTENSOR(partial), CLH_KLOCAL(0)};
-        CLH_TRY(launch_rows(ctx, "he_energy_rows", rows, NARGS(args), args));
+        CLH_TRY(clh_launch_rows(ctx, "he_energy_rows", rows, NARGS(args), args));
     }
     return he_sum(ctx, partial, g->nv, energy);
 }
@@ -818,7 +733,7 @@ static clh_status he_backward_core(clh_ctx *ctx, const clh_tensor *w, const he_g
         int i0_i = (int)i0, rows_i = (int)rows;
         clh_karg args[] = {CLH_KTENSOR(gram), CLH_KTENSOR(sq), CLH_KARG(i0_i),    CLH_KARG(rows_i),
                            CLH_KARG(nv),      CLH_KARG(s),     CLH_KTENSOR(csum), CLH_KLOCAL(0)};
-        CLH_TRY(launch_rows(ctx, "he_coeff_rows", rows, NARGS(args), args));
+        CLH_TRY(clh_launch_rows(ctx, "he_coeff_rows", rows, NARGS(args), args));
         clh_tensor *y_rows = NULL;
         CLH_TRY(window(y, i0 * g->len, rows * g->len, &y_rows));
         clh_status st = clh_gemm(ctx, 0, 0, rows, g->len, g->nv, -1.0f, gram, g->nv, what, g->len,
@@ -830,7 +745,7 @@ static clh_status he_backward_core(clh_ctx *ctx, const clh_tensor *w, const he_g
     clh_karg args[] = {CLH_KTENSOR(what), CLH_KTENSOR(y), CLH_KTENSOR(csum), CLH_KTENSOR(norms),
                        CLH_KARG(nv),      CLH_KARG(len),  CLH_KARG(scale),   CLH_KTENSOR(dw),
                        CLH_KARG(rs),      CLH_KARG(cs),   CLH_KLOCAL(0)};
-    return launch_rows(ctx, "he_backward_rows", g->nv, NARGS(args), args);
+    return clh_launch_rows(ctx, "he_backward_rows", g->nv, NARGS(args), args);
 }
 
 clh_status clh_hyperspherical_energy_backward(clh_ctx *ctx, const clh_tensor *w, int axis, float s,
@@ -838,8 +753,8 @@ clh_status clh_hyperspherical_energy_backward(clh_ctx *ctx, const clh_tensor *w,
     static const char fn[] = "clh_hyperspherical_energy_backward";
     he_geometry g;
     CLH_TRY(he_check(ctx, fn, w, axis, s, &g));
-    CLH_TRY(check_tensor(ctx, fn, "dw", dw));
-    CLH_TRY(check_shape_is(ctx, fn, "dw", dw, 2, w->shape));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dw", dw));
+    CLH_TRY(clh_check_shape_is(ctx, fn, "dw", dw, 2, w->shape));
     if (!isfinite(scale))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: scale = %g is not finite", fn,
                         (double)scale);

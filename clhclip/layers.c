@@ -4,136 +4,34 @@
 #include <math.h>
 #include <stdio.h>
 
-#include "internal.h"
+#include "layer_util.h"
 
 /* ------------------------------------------------------------------ checks */
 
-/* Kernels index with int: a tensor must end below 2^31 elements in its buffer. */
-static clh_status check_tensor(clh_ctx *ctx, const char *fn, const char *name,
-                               const clh_tensor *t) {
-    if (!t)
-        return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: tensor %s is NULL", fn, name);
-    if (t->ctx != ctx)
-        return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: tensor %s belongs to another context",
-                        fn, name);
-    if (t->offset + t->numel > (size_t)INT_MAX)
-        return clh_fail(ctx, CLH_ERR_UNSUPPORTED,
-                        "%s: tensor %s (%zu elements at offset %zu) is beyond the 2^31-1 "
-                        "elements kernels can index",
-                        fn, name, t->numel, t->offset);
-    return CLH_OK;
-}
-
-static clh_status check_ctx(clh_ctx *ctx, const char *fn) {
-    return ctx ? CLH_OK : clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT, "%s: NULL context", fn);
-}
-
-/* "fn: <reason> (a [2, 3], b [4])" with CLH_ERR_SHAPE. */
-__attribute__((format(printf, 7, 8))) static clh_status
-shape_fail(clh_ctx *ctx, const char *fn, const char *a_name, const clh_tensor *a,
-           const char *b_name, const clh_tensor *b, const char *reason_fmt, ...) {
-    char reason[256], sa[128], sb[128];
-    va_list ap;
-    va_start(ap, reason_fmt);
-    vsnprintf(reason, sizeof reason, reason_fmt, ap);
-    va_end(ap);
-    clh_shape_str(a->ndim, a->shape, sa, sizeof sa);
-    clh_shape_str(b->ndim, b->shape, sb, sizeof sb);
-    return clh_fail(ctx, CLH_ERR_SHAPE, "%s: %s (%s %s, %s %s)", fn, reason, a_name, sa, b_name,
-                    sb);
-}
-
-static clh_status check_same_numel(clh_ctx *ctx, const char *fn, const char *a_name,
-                                   const clh_tensor *a, const char *b_name, const clh_tensor *b) {
-    if (a->numel != b->numel)
-        return shape_fail(ctx, fn, a_name, a, b_name, b, "%s has %zu elements but %s has %zu",
-                          a_name, a->numel, b_name, b->numel);
-    return CLH_OK;
-}
-
-/* Same element count and same last dimension (row-wise ops: y keeps x's rows). */
-static clh_status check_same_rows(clh_ctx *ctx, const char *fn, const char *a_name,
-                                  const clh_tensor *a, const char *b_name, const clh_tensor *b) {
-    CLH_TRY(check_same_numel(ctx, fn, a_name, a, b_name, b));
-    if (a->ndim < 1 || b->ndim < 1 || a->shape[a->ndim - 1] != b->shape[b->ndim - 1])
-        return shape_fail(ctx, fn, a_name, a, b_name, b, "last dimensions differ");
-    return CLH_OK;
-}
-
-static int64_t last_dim(const clh_tensor *t) {
-    return t->ndim > 0 ? t->shape[t->ndim - 1] : 1;
-}
-
-/* Do the element ranges of a and b share memory? */
-static int overlaps(const clh_tensor *a, const clh_tensor *b) {
-    return a->mem == b->mem && a->offset < b->offset + b->numel && b->offset < a->offset + a->numel;
-}
-
 /* ------------------------------------------------------------------ launch helpers */
-
-static clh_status launch_1d(clh_ctx *ctx, const char *kernel, size_t n, int nargs,
-                            const clh_karg *args) {
-    size_t global[1] = {n};
-    return clh_launch(ctx, kernel, 1, global, NULL, nargs, args);
-}
-
-/* 2-D range: dimension 0 runs along a row (contiguous), dimension 1 over rows. */
-static clh_status launch_2d(clh_ctx *ctx, const char *kernel, size_t cols, size_t rows, int nargs,
-                            const clh_karg *args) {
-    size_t global[2] = {cols, rows};
-    return clh_launch(ctx, kernel, 2, global, NULL, nargs, args);
-}
-
-/* Work-group size for the one-group-per-row reductions: the largest power of two
- * within the kernel's limit, the device's dimension-0 limit and 256. One fixed size
- * per kernel keeps results independent of the row length and avoids a recompile
- * per local size on PoCL. */
-static clh_status row_group_size(clh_ctx *ctx, const char *kernel, size_t *local) {
-    size_t limit = 0;
-    CLH_TRY(clh_kernel_wg_size(ctx, kernel, &limit));
-    if (limit > 256)
-        limit = 256;
-    if (ctx->info.max_work_item_sizes[0] && limit > ctx->info.max_work_item_sizes[0])
-        limit = ctx->info.max_work_item_sizes[0];
-    size_t size = 1;
-    while (size * 2 <= limit)
-        size *= 2;
-    *local = size;
-    return CLH_OK;
-}
-
-/* Launch a row reduction over `rows` rows; args[nargs - 1] must be the CLH_KLOCAL slot,
- * which is sized here. */
-static clh_status launch_rows(clh_ctx *ctx, const char *kernel, size_t rows, int nargs,
-                              clh_karg *args) {
-    size_t local[1];
-    CLH_TRY(row_group_size(ctx, kernel, local));
-    size_t global[1] = {rows * local[0]};
-    args[nargs - 1] = (clh_karg)CLH_KLOCAL(local[0] * sizeof(float));
-    return clh_launch(ctx, kernel, 1, global, local, nargs, args);
-}
 
 /* ------------------------------------------------------------------ linear */
 
 clh_status clh_linear(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *w, const clh_tensor *b,
                       clh_tensor *y) {
     static const char fn[] = "clh_linear";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "w", w));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "w", w));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
     if (b)
-        CLH_TRY(check_tensor(ctx, fn, "b", b));
-    if (w->ndim != 2 || x->ndim < 1 || last_dim(x) != w->shape[1])
-        return shape_fail(ctx, fn, "x", x, "w", w, "w must be [out, in] with in = x's last dim");
+        CLH_TRY(clh_check_tensor(ctx, fn, "b", b));
+    if (w->ndim != 2 || x->ndim < 1 || clh_last_dim(x) != w->shape[1])
+        return clh_shape_fail(ctx, fn, "x", x, "w", w,
+                              "w must be [out, in] with in = x's last dim");
     size_t in = (size_t)w->shape[1], out = (size_t)w->shape[0];
     size_t rows = in ? x->numel / in : 0;
-    if (y->ndim < 1 || (size_t)last_dim(y) != out || y->numel != rows * out)
-        return shape_fail(ctx, fn, "w", w, "y", y, "y must hold %zu rows of %zu (x has %zu rows)",
-                          rows, out, rows);
+    if (y->ndim < 1 || (size_t)clh_last_dim(y) != out || y->numel != rows * out)
+        return clh_shape_fail(ctx, fn, "w", w, "y", y,
+                              "y must hold %zu rows of %zu (x has %zu rows)", rows, out, rows);
     if (b && b->numel != out)
-        return shape_fail(ctx, fn, "w", w, "b", b, "b must have %zu elements", out);
-    if (overlaps(x, y))
+        return clh_shape_fail(ctx, fn, "w", w, "b", b, "b must have %zu elements", out);
+    if (clh_overlaps(x, y))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: y must not alias x", fn);
     if (rows == 0 || out == 0)
         return CLH_OK;
@@ -142,7 +40,7 @@ clh_status clh_linear(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *w, co
     /* Seed y with the bias rows, then accumulate x W^T onto it. */
     int rows_i = (int)rows, out_i = (int)out;
     clh_karg args[] = {CLH_KTENSOR(y), CLH_KTENSOR(b), CLH_KARG(rows_i), CLH_KARG(out_i)};
-    CLH_TRY(launch_2d(ctx, "broadcast_rows", out, rows, 6, args));
+    CLH_TRY(clh_launch_2d(ctx, "broadcast_rows", out, rows, 6, args));
     return clh_gemm(ctx, 0, 1, rows, out, in, 1.0f, x, in, w, in, 1.0f, y, out);
 }
 
@@ -151,21 +49,21 @@ clh_status clh_linear(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *w, co
 clh_status clh_layer_norm(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *gamma,
                           const clh_tensor *beta, float eps, clh_tensor *y) {
     static const char fn[] = "clh_layer_norm";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "gamma", gamma));
-    CLH_TRY(check_tensor(ctx, fn, "beta", beta));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "gamma", gamma));
+    CLH_TRY(clh_check_tensor(ctx, fn, "beta", beta));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
     if (x->ndim < 1)
-        return shape_fail(ctx, fn, "x", x, "y", y, "x needs at least one dimension");
-    CLH_TRY(check_same_rows(ctx, fn, "x", x, "y", y));
-    int64_t d = last_dim(x);
+        return clh_shape_fail(ctx, fn, "x", x, "y", y, "x needs at least one dimension");
+    CLH_TRY(clh_check_same_rows(ctx, fn, "x", x, "y", y));
+    int64_t d = clh_last_dim(x);
     if ((int64_t)gamma->numel != d)
-        return shape_fail(ctx, fn, "x", x, "gamma", gamma, "gamma must have %lld elements",
-                          (long long)d);
+        return clh_shape_fail(ctx, fn, "x", x, "gamma", gamma, "gamma must have %lld elements",
+                              (long long)d);
     if ((int64_t)beta->numel != d)
-        return shape_fail(ctx, fn, "x", x, "beta", beta, "beta must have %lld elements",
-                          (long long)d);
+        return clh_shape_fail(ctx, fn, "x", x, "beta", beta, "beta must have %lld elements",
+                              (long long)d);
     if (!(eps >= 0.0f))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: eps = %g must be >= 0", fn,
                         (double)eps);
@@ -174,7 +72,7 @@ clh_status clh_layer_norm(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *g
     int rows = (int)(x->numel / (size_t)d), cols = (int)d;
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(gamma), CLH_KTENSOR(beta), CLH_KTENSOR(y),
                        CLH_KARG(rows), CLH_KARG(cols),     CLH_KARG(eps),     CLH_KLOCAL(0)};
-    return launch_rows(ctx, "layer_norm", (size_t)rows, 12, args);
+    return clh_launch_rows(ctx, "layer_norm", (size_t)rows, 12, args);
 }
 
 /* Softmax over rows of length cols; causal masking restarts every rows_per_block rows. */
@@ -184,38 +82,38 @@ static clh_status softmax_rows(clh_ctx *ctx, const clh_tensor *x, clh_tensor *y,
     int causal_i = causal != 0;
     clh_karg args[] = {CLH_KTENSOR(x),   CLH_KTENSOR(y),  CLH_KARG(rows_i),   CLH_KARG(block_i),
                        CLH_KARG(cols_i), CLH_KARG(scale), CLH_KARG(causal_i), CLH_KLOCAL(0)};
-    return launch_rows(ctx, "softmax", rows, 10, args);
+    return clh_launch_rows(ctx, "softmax", rows, 10, args);
 }
 
 clh_status clh_softmax(clh_ctx *ctx, const clh_tensor *x, float scale, int causal, clh_tensor *y) {
     static const char fn[] = "clh_softmax";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
     if (x->ndim < 1)
-        return shape_fail(ctx, fn, "x", x, "y", y, "x needs at least one dimension");
-    CLH_TRY(check_same_rows(ctx, fn, "x", x, "y", y));
+        return clh_shape_fail(ctx, fn, "x", x, "y", y, "x needs at least one dimension");
+    CLH_TRY(clh_check_same_rows(ctx, fn, "x", x, "y", y));
     if (x->numel == 0)
         return CLH_OK;
-    size_t cols = (size_t)last_dim(x);
+    size_t cols = (size_t)clh_last_dim(x);
     size_t lq = x->ndim >= 2 ? (size_t)x->shape[x->ndim - 2] : 1;
     return softmax_rows(ctx, x, y, x->numel / cols, lq, cols, scale, causal);
 }
 
 clh_status clh_l2_normalize(clh_ctx *ctx, const clh_tensor *x, clh_tensor *y) {
     static const char fn[] = "clh_l2_normalize";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
     if (x->ndim < 1)
-        return shape_fail(ctx, fn, "x", x, "y", y, "x needs at least one dimension");
-    CLH_TRY(check_same_rows(ctx, fn, "x", x, "y", y));
+        return clh_shape_fail(ctx, fn, "x", x, "y", y, "x needs at least one dimension");
+    CLH_TRY(clh_check_same_rows(ctx, fn, "x", x, "y", y));
     if (x->numel == 0)
         return CLH_OK;
-    int cols = (int)last_dim(x), rows = (int)(x->numel / (size_t)cols);
+    int cols = (int)clh_last_dim(x), rows = (int)(x->numel / (size_t)cols);
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(y), CLH_KARG(rows), CLH_KARG(cols),
                        CLH_KLOCAL(0)};
-    return launch_rows(ctx, "l2_normalize", (size_t)rows, 7, args);
+    return clh_launch_rows(ctx, "l2_normalize", (size_t)rows, 7, args);
 }
 
 /* ------------------------------------------------------------------ attention */
@@ -226,27 +124,27 @@ static clh_status permute_heads(clh_ctx *ctx, const char *kernel, const clh_tens
     int rows = (int)(n * len), len_i = (int)len, hd = (int)head_dim;
     clh_karg args[] = {CLH_KTENSOR(src), CLH_KTENSOR(dst), CLH_KARG(rows),
                        CLH_KARG(len_i),  CLH_KARG(heads),  CLH_KARG(hd)};
-    return launch_2d(ctx, kernel, (size_t)heads * head_dim, n * len, 8, args);
+    return clh_launch_2d(ctx, kernel, (size_t)heads * head_dim, n * len, 8, args);
 }
 
 static clh_status check_attention(clh_ctx *ctx, const clh_tensor *q, const clh_tensor *k,
                                   const clh_tensor *v, int heads, const clh_tensor *out) {
     static const char fn[] = "clh_attention";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "q", q));
-    CLH_TRY(check_tensor(ctx, fn, "k", k));
-    CLH_TRY(check_tensor(ctx, fn, "v", v));
-    CLH_TRY(check_tensor(ctx, fn, "out", out));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "q", q));
+    CLH_TRY(clh_check_tensor(ctx, fn, "k", k));
+    CLH_TRY(clh_check_tensor(ctx, fn, "v", v));
+    CLH_TRY(clh_check_tensor(ctx, fn, "out", out));
     if (q->ndim != 3)
-        return shape_fail(ctx, fn, "q", q, "k", k, "q must be [N, L, D]");
+        return clh_shape_fail(ctx, fn, "q", q, "k", k, "q must be [N, L, D]");
     if (k->ndim != 3 || k->shape[0] != q->shape[0] || k->shape[2] != q->shape[2])
-        return shape_fail(ctx, fn, "q", q, "k", k, "k must be [N, Lk, D] with q's N and D");
+        return clh_shape_fail(ctx, fn, "q", q, "k", k, "k must be [N, Lk, D] with q's N and D");
     if (v->ndim != 3 || v->shape[0] != k->shape[0] || v->shape[1] != k->shape[1] ||
         v->shape[2] != k->shape[2])
-        return shape_fail(ctx, fn, "k", k, "v", v, "v must have k's shape");
+        return clh_shape_fail(ctx, fn, "k", k, "v", v, "v must have k's shape");
     if (out->ndim != 3 || out->shape[0] != q->shape[0] || out->shape[1] != q->shape[1] ||
         out->shape[2] != q->shape[2])
-        return shape_fail(ctx, fn, "q", q, "out", out, "out must have q's shape");
+        return clh_shape_fail(ctx, fn, "q", q, "out", out, "out must have q's shape");
     if (heads < 1 || q->shape[2] % heads != 0)
         return clh_fail(ctx, CLH_ERR_SHAPE, "%s: heads = %d does not divide D = %lld", fn, heads,
                         (long long)q->shape[2]);
@@ -305,13 +203,13 @@ clh_status clh_attention(clh_ctx *ctx, const clh_tensor *q, const clh_tensor *k,
 
 static clh_status unary(clh_ctx *ctx, const char *fn, const char *kernel, const clh_tensor *x,
                         clh_tensor *y) {
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
-    CLH_TRY(check_same_numel(ctx, fn, "x", x, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_same_numel(ctx, fn, "x", x, "y", y));
     int n = (int)x->numel;
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(y), CLH_KARG(n)};
-    return launch_1d(ctx, kernel, x->numel, 5, args);
+    return clh_launch_1d(ctx, kernel, x->numel, 5, args);
 }
 
 clh_status clh_quick_gelu(clh_ctx *ctx, const clh_tensor *x, clh_tensor *y) {
@@ -324,48 +222,48 @@ clh_status clh_gelu(clh_ctx *ctx, const clh_tensor *x, clh_tensor *y) {
 
 clh_status clh_add(clh_ctx *ctx, const clh_tensor *a, const clh_tensor *b, clh_tensor *y) {
     static const char fn[] = "clh_add";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "a", a));
-    CLH_TRY(check_tensor(ctx, fn, "b", b));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
-    CLH_TRY(check_same_numel(ctx, fn, "a", a, "b", b));
-    CLH_TRY(check_same_numel(ctx, fn, "a", a, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "a", a));
+    CLH_TRY(clh_check_tensor(ctx, fn, "b", b));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_same_numel(ctx, fn, "a", a, "b", b));
+    CLH_TRY(clh_check_same_numel(ctx, fn, "a", a, "y", y));
     int n = (int)a->numel;
     clh_karg args[] = {CLH_KTENSOR(a), CLH_KTENSOR(b), CLH_KTENSOR(y), CLH_KARG(n)};
-    return launch_1d(ctx, "add", a->numel, 7, args);
+    return clh_launch_1d(ctx, "add", a->numel, 7, args);
 }
 
 clh_status clh_add_bias(clh_ctx *ctx, clh_tensor *x, const clh_tensor *bias) {
     static const char fn[] = "clh_add_bias";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "bias", bias));
-    if (x->ndim < 1 || (int64_t)bias->numel != last_dim(x))
-        return shape_fail(ctx, fn, "x", x, "bias", bias,
-                          "bias must have as many elements as x's last dim");
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "bias", bias));
+    if (x->ndim < 1 || (int64_t)bias->numel != clh_last_dim(x))
+        return clh_shape_fail(ctx, fn, "x", x, "bias", bias,
+                              "bias must have as many elements as x's last dim");
     if (x->numel == 0)
         return CLH_OK;
-    int cols = (int)last_dim(x), rows = (int)(x->numel / (size_t)cols);
+    int cols = (int)clh_last_dim(x), rows = (int)(x->numel / (size_t)cols);
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(bias), CLH_KARG(rows), CLH_KARG(cols)};
-    return launch_2d(ctx, "add_bias", (size_t)cols, (size_t)rows, 6, args);
+    return clh_launch_2d(ctx, "add_bias", (size_t)cols, (size_t)rows, 6, args);
 }
 
 clh_status clh_add_rows(clh_ctx *ctx, clh_tensor *x, const clh_tensor *rows) {
     static const char fn[] = "clh_add_rows";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "rows", rows));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "rows", rows));
     if (x->ndim != 3)
-        return shape_fail(ctx, fn, "x", x, "rows", rows, "x must be [N, L, D]");
+        return clh_shape_fail(ctx, fn, "x", x, "rows", rows, "x must be [N, L, D]");
     size_t period = (size_t)(x->shape[1] * x->shape[2]);
-    if (rows->numel != period || rows->ndim < 1 || last_dim(rows) != x->shape[2])
-        return shape_fail(ctx, fn, "x", x, "rows", rows, "rows must be [L, D] = [%lld, %lld]",
-                          (long long)x->shape[1], (long long)x->shape[2]);
+    if (rows->numel != period || rows->ndim < 1 || clh_last_dim(rows) != x->shape[2])
+        return clh_shape_fail(ctx, fn, "x", x, "rows", rows, "rows must be [L, D] = [%lld, %lld]",
+                              (long long)x->shape[1], (long long)x->shape[2]);
     if (x->numel == 0)
         return CLH_OK;
     int batch = (int)x->shape[0], period_i = (int)period;
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(rows), CLH_KARG(batch), CLH_KARG(period_i)};
-    return launch_2d(ctx, "add_rows", period, (size_t)batch, 6, args);
+    return clh_launch_2d(ctx, "add_rows", period, (size_t)batch, 6, args);
 }
 
 /* ------------------------------------------------------------------ gathers */
@@ -379,34 +277,35 @@ static clh_status gather(clh_ctx *ctx, const char *fn, const char *what, const c
         if (index[i] < 0 || (size_t)index[i] >= count)
             return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: %s[%zu] = %d is outside [0, %zu)",
                             fn, what, i, (int)index[i], count);
-    if (overlaps(x, y))
+    if (clh_overlaps(x, y))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: y must not alias the table", fn);
     if (n == 0 || y->numel == 0)
         return CLH_OK;
     cl_mem indices;
     CLH_TRY(clh_upload_ints(ctx, index, n, &indices));
-    int rows = (int)n, cols = (int)last_dim(x);
+    int rows = (int)n, cols = (int)clh_last_dim(x);
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KARG(indices), CLH_KTENSOR(y), CLH_KARG(rows),
                        CLH_KARG(cols)};
-    return launch_2d(ctx, "gather_rows", (size_t)cols, n, 7, args);
+    return clh_launch_2d(ctx, "gather_rows", (size_t)cols, n, 7, args);
 }
 
 static clh_status check_gather_shapes(clh_ctx *ctx, const char *fn, const char *table_name,
                                       const clh_tensor *x, size_t n, const clh_tensor *y) {
-    int64_t d = last_dim(x);
-    if (y->ndim < 1 || last_dim(y) != d || y->numel != n * (size_t)d)
-        return shape_fail(ctx, fn, table_name, x, "y", y, "y must be [%zu, %lld]", n, (long long)d);
+    int64_t d = clh_last_dim(x);
+    if (y->ndim < 1 || clh_last_dim(y) != d || y->numel != n * (size_t)d)
+        return clh_shape_fail(ctx, fn, table_name, x, "y", y, "y must be [%zu, %lld]", n,
+                              (long long)d);
     return CLH_OK;
 }
 
 clh_status clh_embedding(clh_ctx *ctx, const int32_t *ids, size_t n, const clh_tensor *table,
                          clh_tensor *y) {
     static const char fn[] = "clh_embedding";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "table", table));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "table", table));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
     if (table->ndim != 2)
-        return shape_fail(ctx, fn, "table", table, "y", y, "table must be [V, D]");
+        return clh_shape_fail(ctx, fn, "table", table, "y", y, "table must be [V, D]");
     CLH_TRY(check_gather_shapes(ctx, fn, "table", table, n, y));
     return gather(ctx, fn, "ids", table, (size_t)table->shape[0], ids, n, y);
 }
@@ -414,13 +313,13 @@ clh_status clh_embedding(clh_ctx *ctx, const int32_t *ids, size_t n, const clh_t
 clh_status clh_gather_rows(clh_ctx *ctx, const clh_tensor *x, const int32_t *index, size_t n,
                            clh_tensor *y) {
     static const char fn[] = "clh_gather_rows";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
     if (x->ndim < 2)
-        return shape_fail(ctx, fn, "x", x, "y", y, "x must have at least 2 dims [.., D]");
+        return clh_shape_fail(ctx, fn, "x", x, "y", y, "x must have at least 2 dims [.., D]");
     CLH_TRY(check_gather_shapes(ctx, fn, "x", x, n, y));
-    size_t d = (size_t)last_dim(x);
+    size_t d = (size_t)clh_last_dim(x);
     return gather(ctx, fn, "index", x, d ? x->numel / d : 0, index, n, y);
 }
 
@@ -429,25 +328,26 @@ clh_status clh_gather_rows(clh_ctx *ctx, const clh_tensor *x, const int32_t *ind
 static clh_status check_patch_embed(clh_ctx *ctx, const clh_tensor *img, const clh_tensor *weight,
                                     const clh_tensor *out) {
     static const char fn[] = "clh_patch_embed";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "img", img));
-    CLH_TRY(check_tensor(ctx, fn, "weight", weight));
-    CLH_TRY(check_tensor(ctx, fn, "out", out));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "img", img));
+    CLH_TRY(clh_check_tensor(ctx, fn, "weight", weight));
+    CLH_TRY(clh_check_tensor(ctx, fn, "out", out));
     if (img->ndim != 4)
-        return shape_fail(ctx, fn, "img", img, "weight", weight, "img must be [N, C, H, W]");
+        return clh_shape_fail(ctx, fn, "img", img, "weight", weight, "img must be [N, C, H, W]");
     if (weight->ndim != 4 || weight->shape[1] != img->shape[1] ||
         weight->shape[2] != weight->shape[3] || weight->shape[2] < 1)
-        return shape_fail(ctx, fn, "img", img, "weight", weight,
-                          "weight must be [D, C, p, p] with img's C");
+        return clh_shape_fail(ctx, fn, "img", img, "weight", weight,
+                              "weight must be [D, C, p, p] with img's C");
     int64_t p = weight->shape[2];
     if (img->shape[2] % p != 0 || img->shape[3] % p != 0)
-        return shape_fail(ctx, fn, "img", img, "weight", weight,
-                          "H and W must be multiples of the patch size %lld", (long long)p);
+        return clh_shape_fail(ctx, fn, "img", img, "weight", weight,
+                              "H and W must be multiples of the patch size %lld", (long long)p);
     int64_t cells = (img->shape[2] / p) * (img->shape[3] / p);
     if (out->ndim != 3 || out->shape[0] != img->shape[0] || out->shape[1] != cells ||
         out->shape[2] != weight->shape[0])
-        return shape_fail(ctx, fn, "img", img, "out", out, "out must be [%lld, %lld, %lld]",
-                          (long long)img->shape[0], (long long)cells, (long long)weight->shape[0]);
+        return clh_shape_fail(ctx, fn, "img", img, "out", out, "out must be [%lld, %lld, %lld]",
+                              (long long)img->shape[0], (long long)cells,
+                              (long long)weight->shape[0]);
     return CLH_OK;
 }
 
@@ -467,7 +367,7 @@ static clh_status patch_embed_core(clh_ctx *ctx, const clh_tensor *img, const cl
                         (*cols)->numel);
     clh_karg args[] = {CLH_KTENSOR(img), CLH_KTENSOR(*cols), CLH_KARG(batch), CLH_KARG(channels),
                        CLH_KARG(height), CLH_KARG(width),    CLH_KARG(patch)};
-    CLH_TRY(launch_2d(ctx, "im2col_patches", row_len, rows, 9, args));
+    CLH_TRY(clh_launch_2d(ctx, "im2col_patches", row_len, rows, 9, args));
     size_t d = (size_t)weight->shape[0];
     return clh_gemm(ctx, 0, 1, rows, d, row_len, 1.0f, *cols, row_len, weight, row_len, 0.0f, out,
                     d);
@@ -490,17 +390,17 @@ clh_status clh_patch_embed(clh_ctx *ctx, const clh_tensor *img, const clh_tensor
 
 clh_status clh_bicubic_resize(clh_ctx *ctx, const clh_tensor *x, clh_tensor *y) {
     static const char fn[] = "clh_bicubic_resize";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
     if (x->ndim != 3 || y->ndim != 3 || x->shape[0] != y->shape[0])
-        return shape_fail(ctx, fn, "x", x, "y", y, "x must be [C, H, W] and y [C, H2, W2]");
-    if (overlaps(x, y))
+        return clh_shape_fail(ctx, fn, "x", x, "y", y, "x must be [C, H, W] and y [C, H2, W2]");
+    if (clh_overlaps(x, y))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: y must not alias x", fn);
     if (y->numel == 0)
         return CLH_OK;
     if (x->numel == 0)
-        return shape_fail(ctx, fn, "x", x, "y", y, "cannot resize an empty image");
+        return clh_shape_fail(ctx, fn, "x", x, "y", y, "cannot resize an empty image");
     int channels = (int)x->shape[0], in_h = (int)x->shape[1], in_w = (int)x->shape[2];
     int out_h = (int)y->shape[1], out_w = (int)y->shape[2];
     /* torch: static_cast<float>(input_size) / output_size */
@@ -508,6 +408,6 @@ clh_status clh_bicubic_resize(clh_ctx *ctx, const clh_tensor *x, clh_tensor *y) 
     clh_karg args[] = {CLH_KTENSOR(x),  CLH_KTENSOR(y),    CLH_KARG(channels),
                        CLH_KARG(in_h),  CLH_KARG(in_w),    CLH_KARG(out_h),
                        CLH_KARG(out_w), CLH_KARG(scale_h), CLH_KARG(scale_w)};
-    return launch_2d(ctx, "bicubic_resize", (size_t)out_w, (size_t)channels * (size_t)out_h, 11,
-                     args);
+    return clh_launch_2d(ctx, "bicubic_resize", (size_t)out_w, (size_t)channels * (size_t)out_h, 11,
+                         args);
 }

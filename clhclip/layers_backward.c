@@ -9,135 +9,18 @@
 #include <stdlib.h>
 
 #include "hclip.h"
-#include "internal.h"
+#include "layer_util.h"
 
 /* ------------------------------------------------------------------ checks
  * (the same conventions and messages as layers.c) */
 
-static clh_status check_ctx(clh_ctx *ctx, const char *fn) {
-    return ctx ? CLH_OK : clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT, "%s: NULL context", fn);
-}
-
-/* Kernels index with int: a tensor must end below 2^31 elements in its buffer. */
-static clh_status check_tensor(clh_ctx *ctx, const char *fn, const char *name,
-                               const clh_tensor *t) {
-    if (!t)
-        return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: tensor %s is NULL", fn, name);
-    if (t->ctx != ctx)
-        return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: tensor %s belongs to another context",
-                        fn, name);
-    if (t->offset + t->numel > (size_t)INT_MAX)
-        return clh_fail(ctx, CLH_ERR_UNSUPPORTED,
-                        "%s: tensor %s (%zu elements at offset %zu) is beyond the 2^31-1 "
-                        "elements kernels can index",
-                        fn, name, t->numel, t->offset);
-    return CLH_OK;
-}
-
-/* An optional output: NULL is fine (skipped). */
-static clh_status check_optional(clh_ctx *ctx, const char *fn, const char *name,
-                                 const clh_tensor *t) {
-    return t ? check_tensor(ctx, fn, name, t) : CLH_OK;
-}
-
-/* "fn: <reason> (a [2, 3], b [4])" with CLH_ERR_SHAPE. */
-__attribute__((format(printf, 7, 8))) static clh_status
-shape_fail(clh_ctx *ctx, const char *fn, const char *a_name, const clh_tensor *a,
-           const char *b_name, const clh_tensor *b, const char *reason_fmt, ...) {
-    char reason[256], sa[128], sb[128];
-    va_list ap;
-    va_start(ap, reason_fmt);
-    vsnprintf(reason, sizeof reason, reason_fmt, ap);
-    va_end(ap);
-    clh_shape_str(a->ndim, a->shape, sa, sizeof sa);
-    clh_shape_str(b->ndim, b->shape, sb, sizeof sb);
-    return clh_fail(ctx, CLH_ERR_SHAPE, "%s: %s (%s %s, %s %s)", fn, reason, a_name, sa, b_name,
-                    sb);
-}
-
-static int64_t last_dim(const clh_tensor *t) {
-    return t->ndim > 0 ? t->shape[t->ndim - 1] : 1;
-}
-
-static clh_status check_same_numel(clh_ctx *ctx, const char *fn, const char *a_name,
-                                   const clh_tensor *a, const char *b_name, const clh_tensor *b) {
-    if (a->numel != b->numel)
-        return shape_fail(ctx, fn, a_name, a, b_name, b, "%s has %zu elements but %s has %zu",
-                          a_name, a->numel, b_name, b->numel);
-    return CLH_OK;
-}
-
-/* Same element count and same last dimension (a gradient has its tensor's rows). */
-static clh_status check_same_rows(clh_ctx *ctx, const char *fn, const char *a_name,
-                                  const clh_tensor *a, const char *b_name, const clh_tensor *b) {
-    CLH_TRY(check_same_numel(ctx, fn, a_name, a, b_name, b));
-    if (a->ndim < 1 || b->ndim < 1 || last_dim(a) != last_dim(b))
-        return shape_fail(ctx, fn, a_name, a, b_name, b, "last dimensions differ");
-    return CLH_OK;
-}
-
-static clh_status check_same_shape(clh_ctx *ctx, const char *fn, const char *a_name,
-                                   const clh_tensor *a, const char *b_name, const clh_tensor *b) {
-    int same = a->ndim == b->ndim;
-    for (int i = 0; same && i < a->ndim; i++)
-        same = a->shape[i] == b->shape[i];
-    return same ? CLH_OK
-                : shape_fail(ctx, fn, a_name, a, b_name, b, "%s must have %s's shape", b_name,
-                             a_name);
-}
-
-/* Do the element ranges of a and b share memory? (NULL never does.) */
-static int overlaps(const clh_tensor *a, const clh_tensor *b) {
-    return a && b && a->mem == b->mem && a->offset < b->offset + b->numel &&
-           b->offset < a->offset + a->numel;
-}
-
-static clh_status check_no_alias(clh_ctx *ctx, const char *fn, const char *out_name,
-                                 const clh_tensor *out, const char *in_name, const clh_tensor *in) {
-    if (overlaps(out, in))
-        return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: %s must not alias %s", fn, out_name,
-                        in_name);
-    return CLH_OK;
-}
-
 /* ------------------------------------------------------------------ launch helpers */
-
-#define NARGS(args) ((int)(sizeof(args) / sizeof((args)[0])))
-
-static clh_status launch_1d(clh_ctx *ctx, const char *kernel, size_t n, int nargs,
-                            const clh_karg *args) {
-    size_t global[1] = {n};
-    return clh_launch(ctx, kernel, 1, global, NULL, nargs, args);
-}
-
-/* 2-D range: dimension 0 runs along a row (contiguous), dimension 1 over rows/tiles. */
-static clh_status launch_2d(clh_ctx *ctx, const char *kernel, size_t cols, size_t rows, int nargs,
-                            const clh_karg *args) {
-    size_t global[2] = {cols, rows};
-    return clh_launch(ctx, kernel, 2, global, NULL, nargs, args);
-}
-
-/* Power-of-two work-group size for one-group-per-row reductions (as in layers.c: the
- * kernel's limit, the device's dimension-0 limit and 256; one size per kernel). */
-static clh_status row_group_size(clh_ctx *ctx, const char *kernel, size_t *local) {
-    size_t limit = 0;
-    CLH_TRY(clh_kernel_wg_size(ctx, kernel, &limit));
-    if (limit > 256)
-        limit = 256;
-    if (ctx->info.max_work_item_sizes[0] && limit > ctx->info.max_work_item_sizes[0])
-        limit = ctx->info.max_work_item_sizes[0];
-    size_t size = 1;
-    while (size * 2 <= limit)
-        size *= 2;
-    *local = size;
-    return CLH_OK;
-}
 
 /* One work-group per row (or chunk); args[nargs - 1] is the CLH_KLOCAL slot, sized here. */
 static clh_status launch_groups(clh_ctx *ctx, const char *kernel, size_t groups, int nargs,
                                 clh_karg *args) {
     size_t local[1];
-    CLH_TRY(row_group_size(ctx, kernel, local));
+    CLH_TRY(clh_row_group_size(ctx, kernel, local));
     size_t global[1] = {groups * local[0]};
     args[nargs - 1] = (clh_karg)CLH_KLOCAL(local[0] * sizeof(float));
     return clh_launch(ctx, kernel, 1, global, local, nargs, args);
@@ -160,7 +43,7 @@ static clh_status finish_col_sums(clh_ctx *ctx, const clh_tensor *buf, size_t fi
     int off = (int)(buf->offset + first), tiles_i = (int)tiles, cols_i = (int)cols;
     clh_karg args[] = {CLH_KARG(buf->mem), CLH_KARG(off), CLH_KARG(tiles_i), CLH_KARG(cols_i),
                        CLH_KTENSOR(out)};
-    return launch_1d(ctx, "col_sums_finish", cols, NARGS(args), args);
+    return clh_launch_1d(ctx, "col_sums_finish", cols, NARGS(args), args);
 }
 
 /* out[c] += sum over rows of src[r, c] (two stages through a workspace tensor). */
@@ -173,7 +56,7 @@ static clh_status col_sums_core(clh_ctx *ctx, const clh_tensor *src, size_t rows
     int rows_i = (int)rows, cols_i = (int)cols, per_i = (int)per, tiles_i = (int)tiles;
     clh_karg args[] = {CLH_KTENSOR(src), CLH_KARG(rows_i),  CLH_KARG(cols_i),
                        CLH_KARG(per_i),  CLH_KARG(tiles_i), CLH_KTENSOR(*partial)};
-    CLH_TRY(launch_2d(ctx, "col_sums_partial", cols, tiles, NARGS(args), args));
+    CLH_TRY(clh_launch_2d(ctx, "col_sums_partial", cols, tiles, NARGS(args), args));
     return finish_col_sums(ctx, *partial, 0, tiles, cols, out);
 }
 
@@ -193,32 +76,33 @@ static clh_status check_linear_backward(clh_ctx *ctx, const clh_tensor *x, const
                                         const clh_tensor *dy, const clh_tensor *dx,
                                         const clh_tensor *dw, const clh_tensor *db) {
     static const char fn[] = "clh_linear_backward";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "w", w));
-    CLH_TRY(check_tensor(ctx, fn, "dy", dy));
-    CLH_TRY(check_optional(ctx, fn, "dx", dx));
-    CLH_TRY(check_optional(ctx, fn, "dw", dw));
-    CLH_TRY(check_optional(ctx, fn, "db", db));
-    if (w->ndim != 2 || x->ndim < 1 || last_dim(x) != w->shape[1])
-        return shape_fail(ctx, fn, "x", x, "w", w, "w must be [out, in] with in = x's last dim");
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "w", w));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dy", dy));
+    CLH_TRY(clh_check_optional(ctx, fn, "dx", dx));
+    CLH_TRY(clh_check_optional(ctx, fn, "dw", dw));
+    CLH_TRY(clh_check_optional(ctx, fn, "db", db));
+    if (w->ndim != 2 || x->ndim < 1 || clh_last_dim(x) != w->shape[1])
+        return clh_shape_fail(ctx, fn, "x", x, "w", w,
+                              "w must be [out, in] with in = x's last dim");
     size_t in = (size_t)w->shape[1], out = (size_t)w->shape[0];
     size_t rows = in ? x->numel / in : 0;
-    if (dy->ndim < 1 || (size_t)last_dim(dy) != out || dy->numel != rows * out)
-        return shape_fail(ctx, fn, "x", x, "dy", dy,
-                          "dy must hold %zu rows of %zu (w is [%zu, %zu])", rows, out, out, in);
+    if (dy->ndim < 1 || (size_t)clh_last_dim(dy) != out || dy->numel != rows * out)
+        return clh_shape_fail(ctx, fn, "x", x, "dy", dy,
+                              "dy must hold %zu rows of %zu (w is [%zu, %zu])", rows, out, out, in);
     if (dx)
-        CLH_TRY(check_same_rows(ctx, fn, "x", x, "dx", dx));
+        CLH_TRY(clh_check_same_rows(ctx, fn, "x", x, "dx", dx));
     if (dw)
-        CLH_TRY(check_same_shape(ctx, fn, "w", w, "dw", dw));
+        CLH_TRY(clh_check_same_shape(ctx, fn, "w", w, "dw", dw));
     if (db && db->numel != out)
-        return shape_fail(ctx, fn, "w", w, "db", db, "db must have %zu elements", out);
+        return clh_shape_fail(ctx, fn, "w", w, "db", db, "db must have %zu elements", out);
     /* GEMM outputs must not overlap their inputs; dw is computed before dx, so dx may
      * alias x. */
-    CLH_TRY(check_no_alias(ctx, fn, "dx", dx, "dy", dy));
-    CLH_TRY(check_no_alias(ctx, fn, "dx", dx, "w", w));
-    CLH_TRY(check_no_alias(ctx, fn, "dw", dw, "x", x));
-    CLH_TRY(check_no_alias(ctx, fn, "dw", dw, "dy", dy));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dx", dx, "dy", dy));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dx", dx, "w", w));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dw", dw, "x", x));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dw", dw, "dy", dy));
     return CLH_OK;
 }
 
@@ -250,35 +134,35 @@ static clh_status check_layer_norm_backward(clh_ctx *ctx, const clh_tensor *x,
                                             const clh_tensor *dy, const clh_tensor *dx,
                                             const clh_tensor *dgamma, const clh_tensor *dbeta) {
     static const char fn[] = "clh_layer_norm_backward";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "gamma", gamma));
-    CLH_TRY(check_tensor(ctx, fn, "dy", dy));
-    CLH_TRY(check_optional(ctx, fn, "dx", dx));
-    CLH_TRY(check_optional(ctx, fn, "dgamma", dgamma));
-    CLH_TRY(check_optional(ctx, fn, "dbeta", dbeta));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "gamma", gamma));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dy", dy));
+    CLH_TRY(clh_check_optional(ctx, fn, "dx", dx));
+    CLH_TRY(clh_check_optional(ctx, fn, "dgamma", dgamma));
+    CLH_TRY(clh_check_optional(ctx, fn, "dbeta", dbeta));
     if (x->ndim < 1)
-        return shape_fail(ctx, fn, "x", x, "dy", dy, "x needs at least one dimension");
-    CLH_TRY(check_same_rows(ctx, fn, "x", x, "dy", dy));
+        return clh_shape_fail(ctx, fn, "x", x, "dy", dy, "x needs at least one dimension");
+    CLH_TRY(clh_check_same_rows(ctx, fn, "x", x, "dy", dy));
     if (dx)
-        CLH_TRY(check_same_rows(ctx, fn, "x", x, "dx", dx));
-    int64_t d = last_dim(x);
+        CLH_TRY(clh_check_same_rows(ctx, fn, "x", x, "dx", dx));
+    int64_t d = clh_last_dim(x);
     if ((int64_t)gamma->numel != d)
-        return shape_fail(ctx, fn, "x", x, "gamma", gamma, "gamma must have %lld elements",
-                          (long long)d);
+        return clh_shape_fail(ctx, fn, "x", x, "gamma", gamma, "gamma must have %lld elements",
+                              (long long)d);
     if (dgamma && (int64_t)dgamma->numel != d)
-        return shape_fail(ctx, fn, "x", x, "dgamma", dgamma, "dgamma must have %lld elements",
-                          (long long)d);
+        return clh_shape_fail(ctx, fn, "x", x, "dgamma", dgamma, "dgamma must have %lld elements",
+                              (long long)d);
     if (dbeta && (int64_t)dbeta->numel != d)
-        return shape_fail(ctx, fn, "x", x, "dbeta", dbeta, "dbeta must have %lld elements",
-                          (long long)d);
+        return clh_shape_fail(ctx, fn, "x", x, "dbeta", dbeta, "dbeta must have %lld elements",
+                              (long long)d);
     if (!(eps >= 0.0f))
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: eps = %g must be >= 0", fn,
                         (double)eps);
     /* The parameter pass reads x and dy after dx is written. */
-    CLH_TRY(check_no_alias(ctx, fn, "dx", dx, "x", x));
-    CLH_TRY(check_no_alias(ctx, fn, "dx", dx, "dy", dy));
-    CLH_TRY(check_no_alias(ctx, fn, "dx", dx, "gamma", gamma));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dx", dx, "x", x));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dx", dx, "dy", dy));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dx", dx, "gamma", gamma));
     return CLH_OK;
 }
 
@@ -288,7 +172,7 @@ static clh_status layer_norm_backward_core(clh_ctx *ctx, const clh_tensor *x,
                                            const clh_tensor *gamma, float eps, const clh_tensor *dy,
                                            clh_tensor *dx, clh_tensor *dgamma, clh_tensor *dbeta,
                                            clh_tensor **tmp) {
-    size_t cols = (size_t)last_dim(x), rows = x->numel / cols;
+    size_t cols = (size_t)clh_last_dim(x), rows = x->numel / cols;
     int64_t stats_shape[2] = {(int64_t)rows, 2};
     CLH_TRY(clh_ws_tensor(ctx, 2, stats_shape, &tmp[0]));
     clh_tensor *stats = tmp[0];
@@ -311,7 +195,7 @@ static clh_status layer_norm_backward_core(clh_ctx *ctx, const clh_tensor *x,
     clh_karg pargs[] = {CLH_KTENSOR(x),    CLH_KTENSOR(dy),     CLH_KTENSOR(stats),
                         CLH_KARG(rows_i),  CLH_KARG(cols_i),    CLH_KARG(per_i),
                         CLH_KARG(tiles_i), CLH_KTENSOR(partial)};
-    CLH_TRY(launch_2d(ctx, "layer_norm_param_partial", cols, tiles, NARGS(pargs), pargs));
+    CLH_TRY(clh_launch_2d(ctx, "layer_norm_param_partial", cols, tiles, NARGS(pargs), pargs));
     if (dgamma)
         CLH_TRY(finish_col_sums(ctx, partial, 0, tiles, cols, dgamma));
     if (dbeta)
@@ -347,18 +231,18 @@ static clh_status softmax_backward_rows(clh_ctx *ctx, const clh_tensor *y, const
 clh_status clh_softmax_backward(clh_ctx *ctx, const clh_tensor *y, const clh_tensor *dy,
                                 float scale, clh_tensor *dx) {
     static const char fn[] = "clh_softmax_backward";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
-    CLH_TRY(check_tensor(ctx, fn, "dy", dy));
-    CLH_TRY(check_optional(ctx, fn, "dx", dx));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dy", dy));
+    CLH_TRY(clh_check_optional(ctx, fn, "dx", dx));
     if (y->ndim < 1)
-        return shape_fail(ctx, fn, "y", y, "dy", dy, "y needs at least one dimension");
-    CLH_TRY(check_same_rows(ctx, fn, "y", y, "dy", dy));
+        return clh_shape_fail(ctx, fn, "y", y, "dy", dy, "y needs at least one dimension");
+    CLH_TRY(clh_check_same_rows(ctx, fn, "y", y, "dy", dy));
     if (dx)
-        CLH_TRY(check_same_rows(ctx, fn, "y", y, "dx", dx));
+        CLH_TRY(clh_check_same_rows(ctx, fn, "y", y, "dx", dx));
     if (!dx || y->numel == 0)
         return CLH_OK;
-    size_t cols = (size_t)last_dim(y);
+    size_t cols = (size_t)clh_last_dim(y);
     return softmax_backward_rows(ctx, y, dy, dx, y->numel / cols, cols, scale);
 }
 
@@ -369,34 +253,34 @@ static clh_status check_attention_backward(clh_ctx *ctx, const clh_tensor *q, co
                                            const clh_tensor *dq, const clh_tensor *dk,
                                            const clh_tensor *dv) {
     static const char fn[] = "clh_attention_backward";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "q", q));
-    CLH_TRY(check_tensor(ctx, fn, "k", k));
-    CLH_TRY(check_tensor(ctx, fn, "v", v));
-    CLH_TRY(check_tensor(ctx, fn, "dout", dout));
-    CLH_TRY(check_optional(ctx, fn, "dq", dq));
-    CLH_TRY(check_optional(ctx, fn, "dk", dk));
-    CLH_TRY(check_optional(ctx, fn, "dv", dv));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "q", q));
+    CLH_TRY(clh_check_tensor(ctx, fn, "k", k));
+    CLH_TRY(clh_check_tensor(ctx, fn, "v", v));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dout", dout));
+    CLH_TRY(clh_check_optional(ctx, fn, "dq", dq));
+    CLH_TRY(clh_check_optional(ctx, fn, "dk", dk));
+    CLH_TRY(clh_check_optional(ctx, fn, "dv", dv));
     if (q->ndim != 3)
-        return shape_fail(ctx, fn, "q", q, "k", k, "q must be [N, L, D]");
+        return clh_shape_fail(ctx, fn, "q", q, "k", k, "q must be [N, L, D]");
     if (k->ndim != 3 || k->shape[0] != q->shape[0] || k->shape[2] != q->shape[2])
-        return shape_fail(ctx, fn, "q", q, "k", k, "k must be [N, Lk, D] with q's N and D");
-    CLH_TRY(check_same_shape(ctx, fn, "k", k, "v", v));
-    CLH_TRY(check_same_shape(ctx, fn, "q", q, "dout", dout));
+        return clh_shape_fail(ctx, fn, "q", q, "k", k, "k must be [N, Lk, D] with q's N and D");
+    CLH_TRY(clh_check_same_shape(ctx, fn, "k", k, "v", v));
+    CLH_TRY(clh_check_same_shape(ctx, fn, "q", q, "dout", dout));
     if (dq)
-        CLH_TRY(check_same_shape(ctx, fn, "q", q, "dq", dq));
+        CLH_TRY(clh_check_same_shape(ctx, fn, "q", q, "dq", dq));
     if (dk)
-        CLH_TRY(check_same_shape(ctx, fn, "k", k, "dk", dk));
+        CLH_TRY(clh_check_same_shape(ctx, fn, "k", k, "dk", dk));
     if (dv)
-        CLH_TRY(check_same_shape(ctx, fn, "v", v, "dv", dv));
+        CLH_TRY(clh_check_same_shape(ctx, fn, "v", v, "dv", dv));
     if (heads < 1 || q->shape[2] % heads != 0)
         return clh_fail(ctx, CLH_ERR_SHAPE, "%s: heads = %d does not divide D = %lld", fn, heads,
                         (long long)q->shape[2]);
     /* Inputs are copied to the workspace before any output is written, so outputs may
      * alias inputs, but not each other. */
-    CLH_TRY(check_no_alias(ctx, fn, "dq", dq, "dk", dk));
-    CLH_TRY(check_no_alias(ctx, fn, "dq", dq, "dv", dv));
-    CLH_TRY(check_no_alias(ctx, fn, "dk", dk, "dv", dv));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dq", dq, "dk", dk));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dq", dq, "dv", dv));
+    CLH_TRY(clh_check_no_alias(ctx, fn, "dk", dk, "dv", dv));
     return CLH_OK;
 }
 
@@ -406,7 +290,7 @@ static clh_status permute_heads(clh_ctx *ctx, const char *kernel, const clh_tens
     int rows = (int)(n * len), len_i = (int)len, hd = (int)head_dim;
     clh_karg args[] = {CLH_KTENSOR(src), CLH_KTENSOR(dst), CLH_KARG(rows),
                        CLH_KARG(len_i),  CLH_KARG(heads),  CLH_KARG(hd)};
-    return launch_2d(ctx, kernel, (size_t)heads * head_dim, n * len, NARGS(args), args);
+    return clh_launch_2d(ctx, kernel, (size_t)heads * head_dim, n * len, NARGS(args), args);
 }
 
 /* The forward's softmax kernel (norm.cl): causal masking restarts every lq rows. */
@@ -518,17 +402,17 @@ clh_status clh_attention_backward(clh_ctx *ctx, const clh_tensor *q, const clh_t
 
 static clh_status activation_backward(clh_ctx *ctx, const char *fn, const char *kernel,
                                       const clh_tensor *x, const clh_tensor *dy, clh_tensor *dx) {
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "dy", dy));
-    CLH_TRY(check_optional(ctx, fn, "dx", dx));
-    CLH_TRY(check_same_numel(ctx, fn, "x", x, "dy", dy));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dy", dy));
+    CLH_TRY(clh_check_optional(ctx, fn, "dx", dx));
+    CLH_TRY(clh_check_same_numel(ctx, fn, "x", x, "dy", dy));
     if (!dx)
         return CLH_OK;
-    CLH_TRY(check_same_numel(ctx, fn, "x", x, "dx", dx));
+    CLH_TRY(clh_check_same_numel(ctx, fn, "x", x, "dx", dx));
     int n = (int)x->numel;
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(dy), CLH_KTENSOR(dx), CLH_KARG(n)};
-    return launch_1d(ctx, kernel, x->numel, NARGS(args), args);
+    return clh_launch_1d(ctx, kernel, x->numel, NARGS(args), args);
 }
 
 clh_status clh_quick_gelu_backward(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *dy,
@@ -546,18 +430,18 @@ clh_status clh_gelu_backward(clh_ctx *ctx, const clh_tensor *x, const clh_tensor
 clh_status clh_l2_normalize_backward(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *dy,
                                      clh_tensor *dx) {
     static const char fn[] = "clh_l2_normalize_backward";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "dy", dy));
-    CLH_TRY(check_optional(ctx, fn, "dx", dx));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dy", dy));
+    CLH_TRY(clh_check_optional(ctx, fn, "dx", dx));
     if (x->ndim < 1)
-        return shape_fail(ctx, fn, "x", x, "dy", dy, "x needs at least one dimension");
-    CLH_TRY(check_same_rows(ctx, fn, "x", x, "dy", dy));
+        return clh_shape_fail(ctx, fn, "x", x, "dy", dy, "x needs at least one dimension");
+    CLH_TRY(clh_check_same_rows(ctx, fn, "x", x, "dy", dy));
     if (dx)
-        CLH_TRY(check_same_rows(ctx, fn, "x", x, "dx", dx));
+        CLH_TRY(clh_check_same_rows(ctx, fn, "x", x, "dx", dx));
     if (!dx || x->numel == 0)
         return CLH_OK;
-    int cols = (int)last_dim(x), rows = (int)(x->numel / (size_t)cols);
+    int cols = (int)clh_last_dim(x), rows = (int)(x->numel / (size_t)cols);
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(dy), CLH_KTENSOR(dx),
                        CLH_KARG(rows), CLH_KARG(cols),  CLH_KLOCAL(0)};
     return launch_groups(ctx, "l2_normalize_backward_rows", (size_t)rows, NARGS(args), args);
@@ -614,16 +498,17 @@ static clh_status build_scatter_lists(clh_ctx *ctx, const int32_t *index, size_t
 static clh_status check_scatter_add(clh_ctx *ctx, const clh_tensor *dy, const int32_t *index,
                                     size_t n, const clh_tensor *dx) {
     static const char fn[] = "clh_scatter_add_rows";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "dy", dy));
-    CLH_TRY(check_optional(ctx, fn, "dx", dx));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "dy", dy));
+    CLH_TRY(clh_check_optional(ctx, fn, "dx", dx));
     if (!dx)
         return CLH_OK;
     if (dx->ndim < 2)
-        return shape_fail(ctx, fn, "dy", dy, "dx", dx, "dx must have at least 2 dims [.., D]");
-    int64_t d = last_dim(dx);
-    if (dy->ndim < 1 || last_dim(dy) != d || dy->numel != n * (size_t)d)
-        return shape_fail(ctx, fn, "dy", dy, "dx", dx, "dy must be [%zu, %lld]", n, (long long)d);
+        return clh_shape_fail(ctx, fn, "dy", dy, "dx", dx, "dx must have at least 2 dims [.., D]");
+    int64_t d = clh_last_dim(dx);
+    if (dy->ndim < 1 || clh_last_dim(dy) != d || dy->numel != n * (size_t)d)
+        return clh_shape_fail(ctx, fn, "dy", dy, "dx", dx, "dy must be [%zu, %lld]", n,
+                              (long long)d);
     if (n > (size_t)INT_MAX / 3)
         return clh_fail(ctx, CLH_ERR_UNSUPPORTED, "%s: n = %zu indices is too many", fn, n);
     if (n > 0 && !index)
@@ -633,7 +518,7 @@ static clh_status check_scatter_add(clh_ctx *ctx, const clh_tensor *dy, const in
         if (index[i] < 0 || (size_t)index[i] >= count)
             return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT,
                             "%s: index[%zu] = %d is outside [0, %zu)", fn, i, (int)index[i], count);
-    return check_no_alias(ctx, fn, "dx", dx, "dy", dy);
+    return clh_check_no_alias(ctx, fn, "dx", dx, "dy", dy);
 }
 
 clh_status clh_scatter_add_rows(clh_ctx *ctx, const clh_tensor *dy, const int32_t *index, size_t n,
@@ -648,32 +533,32 @@ clh_status clh_scatter_add_rows(clh_ctx *ctx, const clh_tensor *dy, const int32_
     clh_status st = clh_upload_ints(ctx, lists, 2 * targets + 1 + n, &mem);
     free(lists);
     CLH_TRY(st);
-    int targets_i = (int)targets, cols = (int)last_dim(dx);
+    int targets_i = (int)targets, cols = (int)clh_last_dim(dx);
     clh_karg args[] = {CLH_KTENSOR(dy), CLH_KARG(mem), CLH_KTENSOR(dx), CLH_KARG(targets_i),
                        CLH_KARG(cols)};
-    return launch_2d(ctx, "scatter_add_rows", (size_t)cols, targets, NARGS(args), args);
+    return clh_launch_2d(ctx, "scatter_add_rows", (size_t)cols, targets, NARGS(args), args);
 }
 
 /* ------------------------------------------------------------------ vector helpers */
 
 clh_status clh_axpy(clh_ctx *ctx, float alpha, const clh_tensor *x, clh_tensor *y) {
     static const char fn[] = "clh_axpy";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
-    CLH_TRY(check_tensor(ctx, fn, "y", y));
-    CLH_TRY(check_same_numel(ctx, fn, "x", x, "y", y));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_tensor(ctx, fn, "y", y));
+    CLH_TRY(clh_check_same_numel(ctx, fn, "x", x, "y", y));
     int n = (int)x->numel;
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(y), CLH_KARG(alpha), CLH_KARG(n)};
-    return launch_1d(ctx, "axpy", x->numel, NARGS(args), args);
+    return clh_launch_1d(ctx, "axpy", x->numel, NARGS(args), args);
 }
 
 clh_status clh_scale(clh_ctx *ctx, clh_tensor *x, float alpha) {
     static const char fn[] = "clh_scale";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
     int n = (int)x->numel;
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KARG(alpha), CLH_KARG(n)};
-    return launch_1d(ctx, "scale_elements", x->numel, NARGS(args), args);
+    return clh_launch_1d(ctx, "scale_elements", x->numel, NARGS(args), args);
 }
 
 /* Chunks of at least 4096 elements and at most 1024 chunks; each work-group reduces
@@ -701,8 +586,8 @@ static clh_status sum_squares_core(clh_ctx *ctx, const clh_tensor *x, double *ou
 
 clh_status clh_sum_squares(clh_ctx *ctx, const clh_tensor *x, double *out) {
     static const char fn[] = "clh_sum_squares";
-    CLH_TRY(check_ctx(ctx, fn));
-    CLH_TRY(check_tensor(ctx, fn, "x", x));
+    CLH_TRY(clh_check_ctx(ctx, fn));
+    CLH_TRY(clh_check_tensor(ctx, fn, "x", x));
     if (!out)
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "%s: out is NULL", fn);
     *out = 0.0;
