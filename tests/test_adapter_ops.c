@@ -51,30 +51,6 @@ static double *to_double(const float *x, size_t n) {
     return d;
 }
 
-/* Device tensor holding data; with offset > 0 it is a view `offset` elements into a
- * NaN-filled buffer, so kernels must honour element offsets and stay in bounds. */
-static clh_tensor *put(clh_ctx *ctx, size_t offset, int ndim, const int64_t *shape,
-                       const float *data) {
-    size_t numel = 1;
-    for (int i = 0; i < ndim; i++)
-        numel *= (size_t)shape[i];
-    int64_t base_shape[1] = {(int64_t)(offset + numel + 3)};
-    clh_tensor *base = NULL, *view = NULL;
-    TU_OK(clh_tensor_new(ctx, 1, base_shape, &base));
-    TU_OK(clh_tensor_fill(base, NAN));
-    TU_OK(clh_tensor_view(base, offset, ndim, shape, &view));
-    clh_tensor_release(base);
-    if (data)
-        TU_OK(clh_tensor_upload(view, data, numel));
-    return view;
-}
-
-static float *fetch(const clh_tensor *t) {
-    float *x = alloc_floats(clh_tensor_numel(t));
-    TU_OK(clh_tensor_download(t, x, clh_tensor_numel(t)));
-    return x;
-}
-
 /* max |got - want| / max |want| */
 static double rel_err(const float *got, const double *want, size_t n) {
     double err = 0, mag = 0;
@@ -102,7 +78,7 @@ static double rel_err_d(const double *got, const double *want, size_t n) {
 static double expect_close(const char *what, const clh_tensor *t, const double *want, size_t n,
                            double tol) {
     assert_int_equal(clh_tensor_numel(t), n);
-    float *got = fetch(t);
+    float *got = tu_fetch(t);
     double e = rel_err(got, want, n);
     free(got);
     if (!(e <= tol))
@@ -204,9 +180,9 @@ static void check_bd_forward(clh_ctx *ctx, int ndim, const int64_t *xshape, size
         numel *= (size_t)xshape[i];
     size_t rows = numel / d;
     float *x = random_floats(numel, -1, 1, seed), *blk = random_floats(nb * q * q, -1, 1, seed + 1);
-    clh_tensor *tx = put(ctx, offset, ndim, xshape, x);
-    clh_tensor *tb = put(ctx, 0, 3, SHAPE((int64_t)nb, (int64_t)q, (int64_t)q), blk);
-    clh_tensor *ty = put(ctx, offset + 1, ndim, xshape, NULL);
+    clh_tensor *tx = tu_put(ctx, offset, ndim, xshape, x);
+    clh_tensor *tb = tu_put(ctx, 0, 3, SHAPE((int64_t)nb, (int64_t)q, (int64_t)q), blk);
+    clh_tensor *ty = tu_put(ctx, offset + 1, ndim, xshape, NULL);
     TU_OK(clh_blockdiag_forward(ctx, tx, tb, ty));
     double *xd = to_double(x, numel), *bd = to_double(blk, nb * q * q),
            *want = alloc_doubles(numel);
@@ -268,11 +244,11 @@ static void test_blockdiag_backward(void **state) {
     numeric_grad(bd_loss, bd, nbq, &p, num);
     expect_fd("blockdiag dblocks", db_zero, num, nbq);
 
-    clh_tensor *tx = put(ctx, 2, 2, SHAPE(rows, d), x);
-    clh_tensor *tb = put(ctx, 0, 3, SHAPE(nb, q, q), blk);
-    clh_tensor *tdy = put(ctx, 1, 2, SHAPE(rows, d), dy);
-    clh_tensor *tdx = put(ctx, 3, 2, SHAPE(rows, d), NULL);
-    clh_tensor *tdb = put(ctx, 4, 3, SHAPE(nb, q, q), db0);
+    clh_tensor *tx = tu_put(ctx, 2, 2, SHAPE(rows, d), x);
+    clh_tensor *tb = tu_put(ctx, 0, 3, SHAPE(nb, q, q), blk);
+    clh_tensor *tdy = tu_put(ctx, 1, 2, SHAPE(rows, d), dy);
+    clh_tensor *tdx = tu_put(ctx, 3, 2, SHAPE(rows, d), NULL);
+    clh_tensor *tdb = tu_put(ctx, 4, 3, SHAPE(nb, q, q), db0);
     TU_OK(clh_blockdiag_backward(ctx, tx, tb, tdy, tdx, tdb));
     expect_close("blockdiag dx", tdx, dx_ref, nx, DEV_TOL);
     expect_close("blockdiag dblocks (accumulated)", tdb, db_ref, nbq, DEV_TOL);
@@ -300,9 +276,9 @@ static void test_blockdiag_fold(void **state) {
     double *wd = to_double(w, d * d), *bdense = alloc_doubles(d * d), *want = alloc_doubles(d * d);
     double *blkd = to_double(blk, nbq);
     ref_bd_dense(blkd, nb, q, bdense);
-    clh_tensor *tw = put(ctx, 1, 2, SHAPE(d, d), w);
-    clh_tensor *tb = put(ctx, 2, 3, SHAPE(nb, q, q), blk);
-    clh_tensor *out = put(ctx, 3, 2, SHAPE(d, d), NULL);
+    clh_tensor *tw = tu_put(ctx, 1, 2, SHAPE(d, d), w);
+    clh_tensor *tb = tu_put(ctx, 2, 3, SHAPE(nb, q, q), blk);
+    clh_tensor *out = tu_put(ctx, 3, 2, SHAPE(d, d), NULL);
     TU_OK(clh_blockdiag_fold(ctx, tw, tb, 0, out));
     ref_matmul(wd, bdense, d, d, d, want);
     expect_close("fold w . BD", out, want, d * d, DEV_TOL);
@@ -313,22 +289,22 @@ static void test_blockdiag_fold(void **state) {
     /* the input-side fold is what the forward applies: x (w BD)^T = (x BD^T) w^T */
     const size_t rows = 3;
     float *x = random_floats(rows * d, -1, 1, 22);
-    clh_tensor *tx = put(ctx, 0, 2, SHAPE(rows, d), x);
-    clh_tensor *txr = put(ctx, 0, 2, SHAPE(rows, d), NULL);
-    clh_tensor *y1 = put(ctx, 0, 2, SHAPE(rows, d), NULL);
-    clh_tensor *y2 = put(ctx, 0, 2, SHAPE(rows, d), NULL);
+    clh_tensor *tx = tu_put(ctx, 0, 2, SHAPE(rows, d), x);
+    clh_tensor *txr = tu_put(ctx, 0, 2, SHAPE(rows, d), NULL);
+    clh_tensor *y1 = tu_put(ctx, 0, 2, SHAPE(rows, d), NULL);
+    clh_tensor *y2 = tu_put(ctx, 0, 2, SHAPE(rows, d), NULL);
     TU_OK(clh_blockdiag_fold(ctx, tw, tb, 0, out));
     TU_OK(clh_linear(ctx, tx, out, NULL, y1));
     TU_OK(clh_blockdiag_forward(ctx, tx, tb, txr));
     TU_OK(clh_linear(ctx, txr, tw, NULL, y2));
-    float *g1 = fetch(y1), *g2 = fetch(y2);
+    float *g1 = tu_fetch(y1), *g2 = tu_fetch(y2);
     TU_ASSERT_CLOSE(g1, g2, rows * d, 1e-5, 1e-6);
     /* output side: (x w^T) BD^T = x (BD w)^T */
     TU_OK(clh_blockdiag_fold(ctx, tw, tb, 1, out));
     TU_OK(clh_linear(ctx, tx, out, NULL, y1));
     TU_OK(clh_linear(ctx, tx, tw, NULL, txr));
     TU_OK(clh_blockdiag_forward(ctx, txr, tb, y2));
-    float *h1 = fetch(y1), *h2 = fetch(y2);
+    float *h1 = tu_fetch(y1), *h2 = tu_fetch(y2);
     TU_ASSERT_CLOSE(h1, h2, rows * d, 1e-5, 1e-6);
 
     clh_tensor *ts[] = {tw, tb, out, tx, txr, y1, y2};
@@ -342,13 +318,13 @@ static void test_blockdiag_fold(void **state) {
 static void test_blockdiag_errors(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
-    clh_tensor *x = put(ctx, 0, 2, SHAPE(3, 12), NULL);
-    clh_tensor *y = put(ctx, 0, 2, SHAPE(3, 12), NULL);
-    clh_tensor *blk = put(ctx, 0, 3, SHAPE(3, 4, 4), NULL);
-    clh_tensor *bad_blk = put(ctx, 0, 3, SHAPE(2, 4, 4), NULL);
-    clh_tensor *rect = put(ctx, 0, 3, SHAPE(3, 4, 5), NULL);
-    clh_tensor *y_bad = put(ctx, 0, 2, SHAPE(3, 8), NULL);
-    clh_tensor *w = put(ctx, 0, 2, SHAPE(12, 12), NULL);
+    clh_tensor *x = tu_put(ctx, 0, 2, SHAPE(3, 12), NULL);
+    clh_tensor *y = tu_put(ctx, 0, 2, SHAPE(3, 12), NULL);
+    clh_tensor *blk = tu_put(ctx, 0, 3, SHAPE(3, 4, 4), NULL);
+    clh_tensor *bad_blk = tu_put(ctx, 0, 3, SHAPE(2, 4, 4), NULL);
+    clh_tensor *rect = tu_put(ctx, 0, 3, SHAPE(3, 4, 5), NULL);
+    clh_tensor *y_bad = tu_put(ctx, 0, 2, SHAPE(3, 8), NULL);
+    clh_tensor *w = tu_put(ctx, 0, 2, SHAPE(12, 12), NULL);
     TU_FAILS(clh_blockdiag_forward(ctx, x, bad_blk, y), CLH_ERR_SHAPE, "cover 8 features");
     TU_FAILS(clh_blockdiag_forward(ctx, x, rect, y), CLH_ERR_SHAPE, "expected [b, q, q]");
     TU_FAILS(clh_blockdiag_forward(ctx, x, blk, y_bad), CLH_ERR_SHAPE, "y [3, 8]");
@@ -484,8 +460,8 @@ static void check_inverse(clh_ctx *ctx, size_t n, size_t m, const float *a, cons
     double *ad = to_double(a, total), *want = alloc_doubles(total);
     for (size_t b = 0; b < n; b++)
         assert_true(ref_inverse(ad + b * m * m, want + b * m * m, m));
-    clh_tensor *ta = put(ctx, 3, 3, SHAPE(n, m, m), a);
-    clh_tensor *ti = put(ctx, 1, 3, SHAPE(n, m, m), NULL);
+    clh_tensor *ta = tu_put(ctx, 3, 3, SHAPE(n, m, m), a);
+    clh_tensor *ti = tu_put(ctx, 1, 3, SHAPE(n, m, m), NULL);
     unsigned long long local = clh_ctx_device(ctx)->local_mem;
     for (int variant = 0; variant < 2; variant++) {
         if (variant == 1)
@@ -493,7 +469,7 @@ static void check_inverse(clh_ctx *ctx, size_t n, size_t m, const float *a, cons
         clh_status st = clh_batched_inverse(ctx, ta, ti);
         set_local_mem(ctx, local);
         TU_OK(st);
-        float *got = fetch(ti);
+        float *got = tu_fetch(ti);
         double e = rel_err(got, want, total);
         /* A A^-1 - I, max abs entry */
         double resid = 0;
@@ -570,8 +546,8 @@ static void test_inverse_singular(void **state) {
      * rounding-level pivot, as from two equal rows, is above the 1e-30 threshold) */
     for (size_t r = 0; r < m; r++)
         a[m * m + r * m + 2] = 0.0f;
-    clh_tensor *ta = put(ctx, 0, 3, SHAPE(3, m, m), a);
-    clh_tensor *ti = put(ctx, 0, 3, SHAPE(3, m, m), NULL);
+    clh_tensor *ta = tu_put(ctx, 0, 3, SHAPE(3, m, m), a);
+    clh_tensor *ti = tu_put(ctx, 0, 3, SHAPE(3, m, m), NULL);
     unsigned long long local = clh_ctx_device(ctx)->local_mem;
     TU_FAILS(
         clh_batched_inverse(ctx, ta, ti), CLH_ERR_INVALID_ARGUMENT,
@@ -592,8 +568,8 @@ static void test_inverse_singular(void **state) {
     TU_OK(clh_tensor_upload(ta, b, 3 * m * m));
     TU_FAILS(clh_batched_inverse(ctx, ta, ti), CLH_ERR_INVALID_ARGUMENT, "matrix 2 of 3");
     /* shapes */
-    clh_tensor *rect = put(ctx, 0, 3, SHAPE(3, m, m + 1), NULL);
-    clh_tensor *small = put(ctx, 0, 3, SHAPE(2, m, m), NULL);
+    clh_tensor *rect = tu_put(ctx, 0, 3, SHAPE(3, m, m + 1), NULL);
+    clh_tensor *small = tu_put(ctx, 0, 3, SHAPE(2, m, m), NULL);
     TU_FAILS(clh_batched_inverse(ctx, rect, ti), CLH_ERR_SHAPE, "expected [n, m, m]");
     TU_FAILS(clh_batched_inverse(ctx, ta, small), CLH_ERR_SHAPE, "inv has shape [2, 4, 4]");
     TU_FAILS(clh_batched_inverse(ctx, ta, ta), CLH_ERR_INVALID_ARGUMENT, "must not alias");
@@ -619,9 +595,9 @@ static void test_cayley_forward(void **state) {
         ref_cayley(rawd, n, m, want);
         for (size_t b = 0; b < n; b++)
             ref_cayley_one(rawd + b * m * m, m, r1, want_inv + b * m * m);
-        clh_tensor *traw = put(ctx, 1, 3, SHAPE(n, m, m), raw);
-        clh_tensor *tr = put(ctx, 2, 3, SHAPE(n, m, m), NULL);
-        clh_tensor *tinv = put(ctx, 3, 3, SHAPE(n, m, m), NULL);
+        clh_tensor *traw = tu_put(ctx, 1, 3, SHAPE(n, m, m), raw);
+        clh_tensor *tr = tu_put(ctx, 2, 3, SHAPE(n, m, m), NULL);
+        clh_tensor *tinv = tu_put(ctx, 3, 3, SHAPE(n, m, m), NULL);
         TU_OK(clh_cayley_forward(ctx, traw, tr, tinv));
         expect_close("cayley R", tr, want, total, DEV_TOL);
         expect_close("cayley inv", tinv, want_inv, total, DEV_TOL);
@@ -651,10 +627,10 @@ static void test_cayley_identity(void **state) {
         for (size_t i = 0; i < m; i++)
             for (size_t j = 0; j < i; j++)
                 raw[b * m * m + i * m + j] = raw[b * m * m + j * m + i];
-    clh_tensor *traw = put(ctx, 0, 3, SHAPE(n, m, m), raw);
-    clh_tensor *tr = put(ctx, 0, 3, SHAPE(n, m, m), NULL);
+    clh_tensor *traw = tu_put(ctx, 0, 3, SHAPE(n, m, m), raw);
+    clh_tensor *tr = tu_put(ctx, 0, 3, SHAPE(n, m, m), NULL);
     TU_OK(clh_cayley_forward(ctx, traw, tr, NULL));
-    float *got = fetch(tr);
+    float *got = tu_fetch(tr);
     for (size_t i = 0; i < total; i++)
         if (got[i] != (float)((i % (m * m)) / m == i % m))
             fail_msg("Cayley of a symmetric raw: element %zu is %g, not exactly identity", i,
@@ -688,10 +664,10 @@ static void test_cayley_orthogonality_128(void **state) {
     const float stds[2] = {0.1f, 1.0f};
     for (int c = 0; c < 2; c++) {
         float *raw = normal_floats(total, stds[c], 50 + (uint32_t)c);
-        clh_tensor *traw = put(ctx, 0, 3, SHAPE(n, m, m), raw);
-        clh_tensor *tr = put(ctx, 0, 3, SHAPE(n, m, m), NULL);
+        clh_tensor *traw = tu_put(ctx, 0, 3, SHAPE(n, m, m), raw);
+        clh_tensor *tr = tu_put(ctx, 0, 3, SHAPE(n, m, m), NULL);
         TU_OK(clh_cayley_forward(ctx, traw, tr, NULL));
-        float *r = fetch(tr);
+        float *r = tu_fetch(tr);
         double e = orthogonality_error(r, n, m);
         /* against the double reference for one block */
         double *rawd = to_double(raw, m * m), *want = alloc_doubles(m * m);
@@ -744,11 +720,11 @@ static void test_cayley_backward(void **state) {
         expect_fd("cayley draw", want, num, total);
         double fd_err = rel_err_d(want, num, total);
 
-        clh_tensor *traw = put(ctx, 1, 3, SHAPE(n, m, m), raw);
-        clh_tensor *tr = put(ctx, 0, 3, SHAPE(n, m, m), NULL);
-        clh_tensor *tinv = put(ctx, 2, 3, SHAPE(n, m, m), NULL);
-        clh_tensor *tdr = put(ctx, 3, 3, SHAPE(n, m, m), dr);
-        clh_tensor *tdraw = put(ctx, 4, 3, SHAPE(n, m, m), NULL);
+        clh_tensor *traw = tu_put(ctx, 1, 3, SHAPE(n, m, m), raw);
+        clh_tensor *tr = tu_put(ctx, 0, 3, SHAPE(n, m, m), NULL);
+        clh_tensor *tinv = tu_put(ctx, 2, 3, SHAPE(n, m, m), NULL);
+        clh_tensor *tdr = tu_put(ctx, 3, 3, SHAPE(n, m, m), dr);
+        clh_tensor *tdraw = tu_put(ctx, 4, 3, SHAPE(n, m, m), NULL);
         TU_OK(clh_cayley_forward(ctx, traw, tr, tinv));
         TU_OK(clh_cayley_backward(ctx, traw, tinv, tdr, tdraw));
         double dev_err = expect_close("cayley draw", tdraw, want, total, DEV_TOL);
@@ -769,16 +745,16 @@ static void test_cayley_backward(void **state) {
 static void test_cayley_errors(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
-    clh_tensor *raw = put(ctx, 0, 3, SHAPE(2, 4, 4), NULL);
-    clh_tensor *r = put(ctx, 0, 3, SHAPE(2, 4, 4), NULL);
-    clh_tensor *inv = put(ctx, 0, 3, SHAPE(2, 4, 4), NULL);
-    clh_tensor *bad = put(ctx, 0, 3, SHAPE(2, 4, 3), NULL);
-    clh_tensor *other = put(ctx, 0, 3, SHAPE(3, 4, 4), NULL);
+    clh_tensor *raw = tu_put(ctx, 0, 3, SHAPE(2, 4, 4), NULL);
+    clh_tensor *r = tu_put(ctx, 0, 3, SHAPE(2, 4, 4), NULL);
+    clh_tensor *inv = tu_put(ctx, 0, 3, SHAPE(2, 4, 4), NULL);
+    clh_tensor *bad = tu_put(ctx, 0, 3, SHAPE(2, 4, 3), NULL);
+    clh_tensor *other = tu_put(ctx, 0, 3, SHAPE(3, 4, 4), NULL);
     TU_FAILS(clh_cayley_forward(ctx, bad, r, NULL), CLH_ERR_SHAPE, "raw has shape [2, 4, 3]");
     TU_FAILS(clh_cayley_forward(ctx, raw, other, NULL), CLH_ERR_SHAPE, "r has shape");
     TU_FAILS(clh_cayley_forward(ctx, raw, r, other), CLH_ERR_SHAPE, "inv has shape");
     TU_FAILS(clh_cayley_forward(ctx, raw, r, r), CLH_ERR_INVALID_ARGUMENT, "must not alias");
-    /* raw is NaN-filled by put(): I + S cannot be inverted */
+    /* raw is NaN-filled by tu_put(): I + S cannot be inverted */
     TU_FAILS(clh_cayley_forward(ctx, raw, r, inv), CLH_ERR_INVALID_ARGUMENT, "inf or NaN");
     TU_FAILS(clh_cayley_backward(ctx, raw, inv, other, r), CLH_ERR_SHAPE, "dr has shape");
     TU_FAILS(clh_cayley_backward(ctx, raw, inv, r, inv), CLH_ERR_INVALID_ARGUMENT,
@@ -914,10 +890,10 @@ static void dcrc_case_init(clh_ctx *ctx, dcrc_case *c, uint32_t seed) {
     c->p = random_floats(c->np, -1, 1, seed);
     c->a = random_floats(c->na, -1, 1, seed + 1);
     c->b = random_floats(c->nb_, -1, 1, seed + 2);
-    c->tp = put(ctx, 1, 4, SHAPE(s->q, s->q, s->slots, s->mods), c->p);
-    c->ta = put(ctx, 2, 3, SHAPE(s->layers, s->mods, s->mods), c->a);
-    c->tb = put(ctx, 3, 2, SHAPE(s->slots, s->slots), c->b);
-    c->traw = put(ctx, 4, 3, SHAPE(s->blocks, s->q, s->q), NULL);
+    c->tp = tu_put(ctx, 1, 4, SHAPE(s->q, s->q, s->slots, s->mods), c->p);
+    c->ta = tu_put(ctx, 2, 3, SHAPE(s->layers, s->mods, s->mods), c->a);
+    c->tb = tu_put(ctx, 3, 2, SHAPE(s->slots, s->slots), c->b);
+    c->traw = tu_put(ctx, 4, 3, SHAPE(s->blocks, s->q, s->q), NULL);
 }
 
 static void dcrc_case_free(dcrc_case *c) {
@@ -968,7 +944,7 @@ static void test_dcrc_identity(void **state) {
                 p0[(a * s->q + a) * sm + sl * s->mods + m] = 1.0f;
     TU_OK(clh_tensor_upload(c.tp, p0, c.np));
     TU_OK(clh_dcrc_forward(ctx, &small_layout, c.tp, c.ta, c.tb, c.traw));
-    float *raw = fetch(c.traw);
+    float *raw = tu_fetch(c.traw);
     size_t text_rows = 4 * s->lt * s->bt;
     for (size_t blk = 0; blk < s->blocks; blk++)
         for (size_t ab = 0; ab < q2; ab++) {
@@ -1037,10 +1013,10 @@ static void test_dcrc_backward(void **state) {
     float *g0b = random_floats(c.nb_, -1, 1, 96);
     double *pd = to_double(c.p, c.np), *ad = to_double(c.a, c.na), *bd = to_double(c.b, c.nb_);
     double *gd = to_double(draw, c.nraw);
-    clh_tensor *tdraw = put(ctx, 5, 3, SHAPE(s->blocks, s->q, s->q), draw);
-    clh_tensor *tdp = put(ctx, 6, 4, SHAPE(s->q, s->q, s->slots, s->mods), NULL);
-    clh_tensor *tda = put(ctx, 7, 3, SHAPE(s->layers, s->mods, s->mods), NULL);
-    clh_tensor *tdb = put(ctx, 8, 2, SHAPE(s->slots, s->slots), NULL);
+    clh_tensor *tdraw = tu_put(ctx, 5, 3, SHAPE(s->blocks, s->q, s->q), draw);
+    clh_tensor *tdp = tu_put(ctx, 6, 4, SHAPE(s->q, s->q, s->slots, s->mods), NULL);
+    clh_tensor *tda = tu_put(ctx, 7, 3, SHAPE(s->layers, s->mods, s->mods), NULL);
+    clh_tensor *tdb = tu_put(ctx, 8, 2, SHAPE(s->slots, s->slots), NULL);
 
     for (int v = 0; v < 4; v++) {
         int use_a = v & 1, use_b = v & 2;
@@ -1219,7 +1195,7 @@ static void test_he_forward(void **state) {
     const size_t n = 13, d = 7;
     float *w = random_floats(n * d, -1, 1, 100);
     double *wd = to_double(w, n * d);
-    clh_tensor *tw = put(ctx, 3, 2, SHAPE(n, d), w);
+    clh_tensor *tw = tu_put(ctx, 3, 2, SHAPE(n, d), w);
     const float ss[4] = {0.0f, 1.0f, 2.0f, 1.5f};
     for (int axis = 0; axis < 2; axis++)
         for (int k = 0; k < 4; k++) {
@@ -1242,7 +1218,7 @@ static void test_he_tiled(void **state) {
     const size_t n = 1500, d = 16;
     float *w = random_floats(n * d, -1, 1, 101);
     double *wd = to_double(w, n * d);
-    clh_tensor *tw = put(ctx, 0, 2, SHAPE(n, d), w);
+    clh_tensor *tw = tu_put(ctx, 0, 2, SHAPE(n, d), w);
     double got = 0, want = ref_he(wd, n, d, 0, 1.0);
     TU_OK(clh_hyperspherical_energy(ctx, tw, 0, 1.0f, &got));
     double rel = fabs(got - want) / want;
@@ -1250,7 +1226,7 @@ static void test_he_tiled(void **state) {
     if (!(rel <= DEV_TOL))
         fail_msg("tiled HE: %.9g vs reference %.9g (rel %.3g)", got, want, rel);
     /* backward over the same tiles, against the reference at a few rows */
-    clh_tensor *tdw = put(ctx, 0, 2, SHAPE(n, d), NULL);
+    clh_tensor *tdw = tu_put(ctx, 0, 2, SHAPE(n, d), NULL);
     TU_OK(clh_tensor_fill(tdw, 0.0f));
     TU_OK(clh_hyperspherical_energy_backward(ctx, tw, 0, 1.0f, 1.0f, tdw));
     double *want_dw = alloc_doubles(n * d);
@@ -1280,8 +1256,8 @@ static void test_he_backward(void **state) {
     const size_t n = 9, d = 6, total = n * d;
     float *w = random_floats(total, -1, 1, 110), *g0 = random_floats(total, -1, 1, 111);
     double *wd = to_double(w, total), *want = alloc_doubles(total), *num = alloc_doubles(total);
-    clh_tensor *tw = put(ctx, 1, 2, SHAPE(n, d), w);
-    clh_tensor *tdw = put(ctx, 2, 2, SHAPE(n, d), NULL);
+    clh_tensor *tw = tu_put(ctx, 1, 2, SHAPE(n, d), w);
+    clh_tensor *tdw = tu_put(ctx, 2, 2, SHAPE(n, d), NULL);
     const float ss[3] = {0.0f, 1.0f, 2.0f}, scale = 0.75f;
     double worst_fd = 0, worst_dev = 0;
     for (int axis = 0; axis < 2; axis++)
@@ -1315,14 +1291,14 @@ static void test_he_invariance(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t nb = 4, q = 8, d = nb * q, other = 24;
     float *raw = normal_floats(nb * q * q, 1.0f, 120);
-    clh_tensor *traw = put(ctx, 0, 3, SHAPE(nb, q, q), raw);
-    clh_tensor *blocks = put(ctx, 0, 3, SHAPE(nb, q, q), NULL);
+    clh_tensor *traw = tu_put(ctx, 0, 3, SHAPE(nb, q, q), raw);
+    clh_tensor *blocks = tu_put(ctx, 0, 3, SHAPE(nb, q, q), NULL);
     TU_OK(clh_cayley_forward(ctx, traw, blocks, NULL));
     float *w = random_floats(other * d, -1, 1, 121);
-    clh_tensor *w_rows = put(ctx, 0, 2, SHAPE(other, d), w); /* [24, 32] */
-    clh_tensor *w_cols = put(ctx, 0, 2, SHAPE(d, other), w); /* [32, 24] */
-    clh_tensor *out_rows = put(ctx, 0, 2, SHAPE(other, d), NULL);
-    clh_tensor *out_cols = put(ctx, 0, 2, SHAPE(d, other), NULL);
+    clh_tensor *w_rows = tu_put(ctx, 0, 2, SHAPE(other, d), w); /* [24, 32] */
+    clh_tensor *w_cols = tu_put(ctx, 0, 2, SHAPE(d, other), w); /* [32, 24] */
+    clh_tensor *out_rows = tu_put(ctx, 0, 2, SHAPE(other, d), NULL);
+    clh_tensor *out_cols = tu_put(ctx, 0, 2, SHAPE(d, other), NULL);
     TU_OK(clh_blockdiag_fold(ctx, w_rows, blocks, 0, out_rows));
     TU_OK(clh_blockdiag_fold(ctx, w_cols, blocks, 1, out_cols));
     for (int k = 0; k < 3; k++) {
@@ -1374,8 +1350,8 @@ static void test_he_large(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t n = 3072, d = 768;
     float *w = normal_floats(n * d, 0.02f, 130);
-    clh_tensor *tw = put(ctx, 0, 2, SHAPE(n, d), w);
-    clh_tensor *tdw = put(ctx, 0, 2, SHAPE(n, d), NULL);
+    clh_tensor *tw = tu_put(ctx, 0, 2, SHAPE(n, d), w);
+    clh_tensor *tdw = tu_put(ctx, 0, 2, SHAPE(n, d), NULL);
     TU_OK(clh_tensor_fill(tdw, 0.0f));
     double e = 0, e2 = 0;
     TU_OK(clh_hyperspherical_energy(ctx, tw, 0, 1.0f, &e)); /* warm-up: kernel builds */
@@ -1397,7 +1373,7 @@ static void test_he_large(void **state) {
     TU_OK(clh_hyperspherical_energy(ctx, tw, 0, 1.0f, &e2));
     if (!(fabs(e2 - e) <= 1e-5 * e))
         fail_msg("scaling W changed its energy: %.9g vs %.9g", e2, e);
-    float *g = fetch(tdw);
+    float *g = tu_fetch(tdw);
     for (size_t i = 0; i < n * d; i++)
         if (!isfinite(g[i]))
             fail_msg("dw[%zu] = %g is not finite", i, (double)g[i]);
@@ -1433,17 +1409,17 @@ static void test_adapter_vitb_large(void **state) {
             a[(l * s.mods + m) * s.mods + m] += 1.0f;
     for (size_t i = 0; i < s.slots; i++)
         b[i * s.slots + i] += 1.0f;
-    clh_tensor *tp = put(ctx, 0, 4, SHAPE(s.q, s.q, s.slots, s.mods), p);
-    clh_tensor *ta = put(ctx, 0, 3, SHAPE(s.layers, s.mods, s.mods), a);
-    clh_tensor *tb = put(ctx, 0, 2, SHAPE(s.slots, s.slots), b);
-    clh_tensor *traw = put(ctx, 0, 3, SHAPE(s.blocks, s.q, s.q), NULL);
-    clh_tensor *draw = put(ctx, 0, 3, SHAPE(s.blocks, s.q, s.q), NULL);
-    clh_tensor *tr = put(ctx, 0, 3, SHAPE(ntext, s.q, s.q), NULL);
-    clh_tensor *tinv = put(ctx, 0, 3, SHAPE(ntext, s.q, s.q), NULL);
-    clh_tensor *tdr = put(ctx, 0, 3, SHAPE(ntext, s.q, s.q), dr);
-    clh_tensor *dp = put(ctx, 0, 4, SHAPE(s.q, s.q, s.slots, s.mods), NULL);
-    clh_tensor *da = put(ctx, 0, 3, SHAPE(s.layers, s.mods, s.mods), NULL);
-    clh_tensor *db = put(ctx, 0, 2, SHAPE(s.slots, s.slots), NULL);
+    clh_tensor *tp = tu_put(ctx, 0, 4, SHAPE(s.q, s.q, s.slots, s.mods), p);
+    clh_tensor *ta = tu_put(ctx, 0, 3, SHAPE(s.layers, s.mods, s.mods), a);
+    clh_tensor *tb = tu_put(ctx, 0, 2, SHAPE(s.slots, s.slots), b);
+    clh_tensor *traw = tu_put(ctx, 0, 3, SHAPE(s.blocks, s.q, s.q), NULL);
+    clh_tensor *draw = tu_put(ctx, 0, 3, SHAPE(s.blocks, s.q, s.q), NULL);
+    clh_tensor *tr = tu_put(ctx, 0, 3, SHAPE(ntext, s.q, s.q), NULL);
+    clh_tensor *tinv = tu_put(ctx, 0, 3, SHAPE(ntext, s.q, s.q), NULL);
+    clh_tensor *tdr = tu_put(ctx, 0, 3, SHAPE(ntext, s.q, s.q), dr);
+    clh_tensor *dp = tu_put(ctx, 0, 4, SHAPE(s.q, s.q, s.slots, s.mods), NULL);
+    clh_tensor *da = tu_put(ctx, 0, 3, SHAPE(s.layers, s.mods, s.mods), NULL);
+    clh_tensor *db = tu_put(ctx, 0, 2, SHAPE(s.slots, s.slots), NULL);
     clh_tensor *text_raw = NULL, *text_draw = NULL;
     TU_OK(clh_tensor_view(traw, 0, 3, SHAPE(ntext, s.q, s.q), &text_raw));
     TU_OK(clh_tensor_view(draw, 0, 3, SHAPE(ntext, s.q, s.q), &text_draw));
@@ -1472,7 +1448,7 @@ static void test_adapter_vitb_large(void **state) {
                   "128^2) %.1f ms, Cayley backward %.1f ms, DCRC backward %.1f ms\n",
                   clh_ctx_device(ctx)->name, 1e3 * (t[1] - t[0]), 1e3 * (t[2] - t[1]),
                   1e3 * (t[3] - t[2]), 1e3 * (t[4] - t[3]));
-    float *r = fetch(tr);
+    float *r = tu_fetch(tr);
     double e = orthogonality_error(r, 8, s.q);
     print_message("ViT-B/16 text blocks: |R^T R - I|max = %.2e (first 8 blocks)\n", e);
     if (!(e <= 1e-5))
@@ -1488,10 +1464,10 @@ static void test_adapter_vitb_large(void **state) {
 static void test_he_errors(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
-    clh_tensor *w = put(ctx, 0, 2, SHAPE(4, 3), NULL);
-    clh_tensor *w3 = put(ctx, 0, 3, SHAPE(2, 2, 3), NULL);
-    clh_tensor *dw_bad = put(ctx, 0, 2, SHAPE(3, 4), NULL);
-    clh_tensor *one = put(ctx, 0, 2, SHAPE(1, 5), NULL);
+    clh_tensor *w = tu_put(ctx, 0, 2, SHAPE(4, 3), NULL);
+    clh_tensor *w3 = tu_put(ctx, 0, 3, SHAPE(2, 2, 3), NULL);
+    clh_tensor *dw_bad = tu_put(ctx, 0, 2, SHAPE(3, 4), NULL);
+    clh_tensor *one = tu_put(ctx, 0, 2, SHAPE(1, 5), NULL);
     double e = -1;
     TU_FAILS(clh_hyperspherical_energy(ctx, w, 2, 1.0f, &e), CLH_ERR_INVALID_ARGUMENT, "axis = 2");
     TU_FAILS(clh_hyperspherical_energy(ctx, w, 0, -1.0f, &e), CLH_ERR_INVALID_ARGUMENT, "s = -1");

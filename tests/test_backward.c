@@ -91,43 +91,12 @@ static double dot(const double *a, const double *b, size_t n) {
 
 /* ------------------------------------------------------------------ device helpers */
 
-/* Device tensor holding data; with offset > 0 it is a view that starts `offset`
- * elements into a NaN-filled buffer, so kernels must honour the element offset. */
-static clh_tensor *put(clh_ctx *ctx, size_t offset, int ndim, const int64_t *shape,
-                       const float *data) {
-    size_t numel = 1;
-    for (int i = 0; i < ndim; i++)
-        numel *= (size_t)shape[i];
-    int64_t base_shape[1] = {(int64_t)(offset + numel + 3)};
-    clh_tensor *base = NULL, *view = NULL;
-    TU_OK(clh_tensor_new(ctx, 1, base_shape, &base));
-    TU_OK(clh_tensor_fill(base, NAN));
-    TU_OK(clh_tensor_view(base, offset, ndim, shape, &view));
-    clh_tensor_release(base);
-    if (data)
-        TU_OK(clh_tensor_upload(view, data, numel));
-    return view;
-}
-
-/* Output pre-filled with NaN, so an element a kernel skips shows up. */
-static clh_tensor *nan_tensor(clh_ctx *ctx, int ndim, const int64_t *shape) {
-    return put(ctx, 0, ndim, shape, NULL);
-}
-
-static float *fetch(const clh_tensor *t) {
-    size_t n = clh_tensor_numel(t);
-    float *x = calloc(n ? n : 1, sizeof *x);
-    assert_non_null(x);
-    TU_OK(clh_tensor_download(t, x, n));
-    return x;
-}
-
 /* Device result vs double reference: max|got - want| <= tol. The error relative to
  * max|want| is recorded under name. */
 static void expect_close(const char *name, const clh_tensor *t, const double *want, size_t n,
                          double tol) {
     assert_int_equal(clh_tensor_numel(t), n);
-    float *got = fetch(t);
+    float *got = tu_fetch(t);
     double err = 0, mag = max_abs(want, n);
     for (size_t i = 0; i < n; i++) {
         if (!isfinite(got[i]))
@@ -268,13 +237,13 @@ static void check_linear_case(clh_ctx *ctx, size_t rows, size_t in, size_t out, 
     ref_linear_backward(xd, wd, dyd, rows, in, out, dx, dw, db);
 
     int split = rows > 3 && rows % 3 == 0;
-    clh_tensor *tx = split ? put(ctx, 5, DIMS(3, (int64_t)rows / 3, (int64_t)in), x)
-                           : put(ctx, 5, DIMS((int64_t)rows, (int64_t)in), x);
-    clh_tensor *tw = put(ctx, 0, DIMS((int64_t)out, (int64_t)in), w);
-    clh_tensor *tdy = put(ctx, 2, DIMS((int64_t)rows, (int64_t)out), dy);
-    clh_tensor *tdx = put(ctx, 1, clh_tensor_ndim(tx), clh_tensor_shape(tx), NULL);
-    clh_tensor *tdw = put(ctx, 3, DIMS((int64_t)out, (int64_t)in), dw0);
-    clh_tensor *tdb = put(ctx, 7, DIMS((int64_t)out), db0);
+    clh_tensor *tx = split ? tu_put(ctx, 5, DIMS(3, (int64_t)rows / 3, (int64_t)in), x)
+                           : tu_put(ctx, 5, DIMS((int64_t)rows, (int64_t)in), x);
+    clh_tensor *tw = tu_put(ctx, 0, DIMS((int64_t)out, (int64_t)in), w);
+    clh_tensor *tdy = tu_put(ctx, 2, DIMS((int64_t)rows, (int64_t)out), dy);
+    clh_tensor *tdx = tu_put(ctx, 1, clh_tensor_ndim(tx), clh_tensor_shape(tx), NULL);
+    clh_tensor *tdw = tu_put(ctx, 3, DIMS((int64_t)out, (int64_t)in), dw0);
+    clh_tensor *tdb = tu_put(ctx, 7, DIMS((int64_t)out), db0);
     TU_OK(clh_linear_backward(ctx, tx, tw, tdy, tdx, tdw, tdb));
 
     double mdy = max_abs_f(dy, rows * out);
@@ -344,12 +313,12 @@ static void test_linear_backward_null_and_alias(void **state) {
     double mdy = max_abs_f(dy, rows * out);
     double tol_x = gemm_tol(out, mdy, 1), tol_w = gemm_tol(rows, mdy, 1);
 
-    clh_tensor *tx = put(ctx, 0, DIMS((int64_t)rows, (int64_t)in), x);
-    clh_tensor *tw = put(ctx, 0, DIMS((int64_t)out, (int64_t)in), w);
-    clh_tensor *tdy = put(ctx, 0, DIMS((int64_t)rows, (int64_t)out), dy);
-    clh_tensor *tdx = nan_tensor(ctx, DIMS((int64_t)rows, (int64_t)in));
-    clh_tensor *tdw = nan_tensor(ctx, DIMS((int64_t)out, (int64_t)in));
-    clh_tensor *tdb = nan_tensor(ctx, DIMS((int64_t)out));
+    clh_tensor *tx = tu_put(ctx, 0, DIMS((int64_t)rows, (int64_t)in), x);
+    clh_tensor *tw = tu_put(ctx, 0, DIMS((int64_t)out, (int64_t)in), w);
+    clh_tensor *tdy = tu_put(ctx, 0, DIMS((int64_t)rows, (int64_t)out), dy);
+    clh_tensor *tdx = tu_nan_tensor(ctx, DIMS((int64_t)rows, (int64_t)in));
+    clh_tensor *tdw = tu_nan_tensor(ctx, DIMS((int64_t)out, (int64_t)in));
+    clh_tensor *tdb = tu_nan_tensor(ctx, DIMS((int64_t)out));
 
     TU_OK(clh_linear_backward(ctx, tx, tw, tdy, tdx, NULL, NULL));
     expect_close("linear_backward", tdx, dx, rows * in, tol_x);
@@ -368,13 +337,13 @@ static void test_linear_backward_null_and_alias(void **state) {
     expect_close("linear_backward", tx, dx, rows * in, tol_x);
 
     /* no rows: parameter gradients keep their values; no outputs: dx is zero */
-    clh_tensor *x0 = nan_tensor(ctx, DIMS(0, (int64_t)in)),
-               *dy0 = nan_tensor(ctx, DIMS(0, (int64_t)out));
+    clh_tensor *x0 = tu_nan_tensor(ctx, DIMS(0, (int64_t)in)),
+               *dy0 = tu_nan_tensor(ctx, DIMS(0, (int64_t)out));
     TU_OK(clh_linear_backward(ctx, x0, tw, dy0, x0, tdw, tdb));
     expect_close("linear_backward", tdw, dw, out * in, tol_w);
     expect_close("linear_backward", tdb, db, out, tol_w);
-    clh_tensor *w_none = nan_tensor(ctx, DIMS(0, (int64_t)in)),
-               *dy_none = nan_tensor(ctx, DIMS((int64_t)rows, 0));
+    clh_tensor *w_none = tu_nan_tensor(ctx, DIMS(0, (int64_t)in)),
+               *dy_none = tu_nan_tensor(ctx, DIMS((int64_t)rows, 0));
     double zeros[7 * 5] = {0};
     TU_OK(clh_linear_backward(ctx, tx, w_none, dy_none, tdx, NULL, NULL));
     expect_close("linear_backward", tdx, zeros, rows * in, 0);
@@ -389,12 +358,12 @@ static void test_linear_backward_null_and_alias(void **state) {
 
 static void test_linear_backward_errors(void **state) {
     TU_CTX_OR_SKIP(ctx);
-    clh_tensor *x = nan_tensor(ctx, DIMS(2, 7, 5)), *w = nan_tensor(ctx, DIMS(6, 5));
-    clh_tensor *dy = nan_tensor(ctx, DIMS(14, 6)), *dx = nan_tensor(ctx, DIMS(14, 5));
-    clh_tensor *dw = nan_tensor(ctx, DIMS(6, 5)), *db = nan_tensor(ctx, DIMS(6));
-    clh_tensor *dy_bad = nan_tensor(ctx, DIMS(13, 6)), *w_bad = nan_tensor(ctx, DIMS(6, 4));
-    clh_tensor *dw_bad = nan_tensor(ctx, DIMS(5, 6)), *db_bad = nan_tensor(ctx, DIMS(5));
-    clh_tensor *dx_bad = nan_tensor(ctx, DIMS(14, 6));
+    clh_tensor *x = tu_nan_tensor(ctx, DIMS(2, 7, 5)), *w = tu_nan_tensor(ctx, DIMS(6, 5));
+    clh_tensor *dy = tu_nan_tensor(ctx, DIMS(14, 6)), *dx = tu_nan_tensor(ctx, DIMS(14, 5));
+    clh_tensor *dw = tu_nan_tensor(ctx, DIMS(6, 5)), *db = tu_nan_tensor(ctx, DIMS(6));
+    clh_tensor *dy_bad = tu_nan_tensor(ctx, DIMS(13, 6)), *w_bad = tu_nan_tensor(ctx, DIMS(6, 4));
+    clh_tensor *dw_bad = tu_nan_tensor(ctx, DIMS(5, 6)), *db_bad = tu_nan_tensor(ctx, DIMS(5));
+    clh_tensor *dx_bad = tu_nan_tensor(ctx, DIMS(14, 6));
     TU_FAILS(clh_linear_backward(ctx, x, w, dy_bad, dx, dw, db), CLH_ERR_SHAPE, "[13, 6]");
     TU_FAILS(clh_linear_backward(ctx, x, w, dy_bad, dx, dw, db), CLH_ERR_SHAPE, "x [2, 7, 5]");
     TU_FAILS(clh_linear_backward(ctx, x, w_bad, dy, dx, dw, db), CLH_ERR_SHAPE, "[6, 4]");
@@ -407,10 +376,10 @@ static void test_linear_backward_errors(void **state) {
     TU_FAILS(clh_linear_backward(NULL, x, w, dy, dx, dw, db), CLH_ERR_INVALID_ARGUMENT,
              "NULL context");
     /* GEMM outputs must not overlap their inputs */
-    clh_tensor *sq_w = nan_tensor(ctx, DIMS(5, 5)), *sq_dy = nan_tensor(ctx, DIMS(14, 5));
+    clh_tensor *sq_w = tu_nan_tensor(ctx, DIMS(5, 5)), *sq_dy = tu_nan_tensor(ctx, DIMS(14, 5));
     TU_FAILS(clh_linear_backward(ctx, x, sq_w, sq_dy, sq_dy, NULL, NULL), CLH_ERR_INVALID_ARGUMENT,
              "dx must not alias dy");
-    clh_tensor *xw = nan_tensor(ctx, DIMS(5, 5));
+    clh_tensor *xw = tu_nan_tensor(ctx, DIMS(5, 5));
     TU_FAILS(clh_linear_backward(ctx, xw, sq_w, xw, NULL, xw, NULL), CLH_ERR_INVALID_ARGUMENT,
              "dw must not alias x");
     clh_tensor *all[] = {x,     w,      dy,     dx,     dw,   db,    dy_bad,
@@ -543,12 +512,12 @@ static void check_layer_norm_case(clh_ctx *ctx, size_t rows, size_t cols, uint32
     double *dx = alloc_doubles(n), *dg = alloc_doubles(cols), *db = alloc_doubles(cols);
     ref_layer_norm_backward(xd, gd, dyd, rows, cols, eps, dx, dg, db);
 
-    clh_tensor *tx = put(ctx, 3, DIMS((int64_t)rows, (int64_t)cols), x);
-    clh_tensor *tg = put(ctx, 1, DIMS((int64_t)cols), g);
-    clh_tensor *tdy = put(ctx, 0, DIMS((int64_t)rows, (int64_t)cols), dy);
-    clh_tensor *tdx = put(ctx, 5, DIMS((int64_t)rows, (int64_t)cols), NULL);
-    clh_tensor *tdg = put(ctx, 2, DIMS((int64_t)cols), dg0);
-    clh_tensor *tdb = put(ctx, 0, DIMS((int64_t)cols), db0);
+    clh_tensor *tx = tu_put(ctx, 3, DIMS((int64_t)rows, (int64_t)cols), x);
+    clh_tensor *tg = tu_put(ctx, 1, DIMS((int64_t)cols), g);
+    clh_tensor *tdy = tu_put(ctx, 0, DIMS((int64_t)rows, (int64_t)cols), dy);
+    clh_tensor *tdx = tu_put(ctx, 5, DIMS((int64_t)rows, (int64_t)cols), NULL);
+    clh_tensor *tdg = tu_put(ctx, 2, DIMS((int64_t)cols), dg0);
+    clh_tensor *tdb = tu_put(ctx, 0, DIMS((int64_t)cols), db0);
     double *want_g = alloc_doubles(cols), *want_b = alloc_doubles(cols);
     /* dgamma sums rows of dy * xhat */
     double mdy = max_abs_f(dy, n), max_xhat = max_abs_xhat(xd, rows, cols, eps);
@@ -603,12 +572,12 @@ static void test_layer_norm_backward_misc(void **state) {
     double *xd = to_double(x, n), *gd = to_double(g, cols), *dyd = to_double(dy, n);
     double *dx = alloc_doubles(n), *dg = alloc_doubles(cols), *db = alloc_doubles(cols);
     ref_layer_norm_backward(xd, gd, dyd, rows, cols, 1e-5, dx, dg, db);
-    clh_tensor *tx = put(ctx, 0, DIMS((int64_t)rows, (int64_t)cols), x);
-    clh_tensor *tg = put(ctx, 0, DIMS((int64_t)cols), g);
-    clh_tensor *tdy = put(ctx, 0, DIMS((int64_t)rows, (int64_t)cols), dy);
-    clh_tensor *tdx = nan_tensor(ctx, DIMS((int64_t)rows, (int64_t)cols));
-    clh_tensor *tdb = nan_tensor(ctx, DIMS((int64_t)cols));
-    clh_tensor *tdg = nan_tensor(ctx, DIMS((int64_t)cols));
+    clh_tensor *tx = tu_put(ctx, 0, DIMS((int64_t)rows, (int64_t)cols), x);
+    clh_tensor *tg = tu_put(ctx, 0, DIMS((int64_t)cols), g);
+    clh_tensor *tdy = tu_put(ctx, 0, DIMS((int64_t)rows, (int64_t)cols), dy);
+    clh_tensor *tdx = tu_nan_tensor(ctx, DIMS((int64_t)rows, (int64_t)cols));
+    clh_tensor *tdb = tu_nan_tensor(ctx, DIMS((int64_t)cols));
+    clh_tensor *tdg = tu_nan_tensor(ctx, DIMS((int64_t)cols));
 
     TU_OK(clh_layer_norm_backward(ctx, tx, tg, 1e-5f, tdy, tdx, NULL, NULL));
     expect_close("layer_norm_backward", tdx, dx, n, row_tol(dx, n));
@@ -621,10 +590,10 @@ static void test_layer_norm_backward_misc(void **state) {
                  gemm_tol(rows, 1, max_abs_xhat(xd, rows, cols, 1e-5)));
 
     /* the same call twice gives the same bits (no atomics, fixed reduction order) */
-    float *first_dx = fetch(tdx), *first_dg = fetch(tdg);
+    float *first_dx = tu_fetch(tdx), *first_dg = tu_fetch(tdg);
     TU_OK(clh_tensor_fill(tdg, 0));
     TU_OK(clh_layer_norm_backward(ctx, tx, tg, 1e-5f, tdy, tdx, tdg, NULL));
-    float *again_dx = fetch(tdx), *again_dg = fetch(tdg);
+    float *again_dx = tu_fetch(tdx), *again_dg = tu_fetch(tdg);
     assert_memory_equal(first_dx, again_dx, n * sizeof(float));
     assert_memory_equal(first_dg, again_dg, cols * sizeof(float));
 
@@ -632,7 +601,7 @@ static void test_layer_norm_backward_misc(void **state) {
              CLH_ERR_INVALID_ARGUMENT, "dx must not alias dy");
     TU_FAILS(clh_layer_norm_backward(ctx, tx, tg, 1e-5f, tdy, tx, NULL, NULL),
              CLH_ERR_INVALID_ARGUMENT, "dx must not alias x");
-    clh_tensor *g_bad = nan_tensor(ctx, DIMS(76)), *dy_bad = nan_tensor(ctx, DIMS(77, 33));
+    clh_tensor *g_bad = tu_nan_tensor(ctx, DIMS(76)), *dy_bad = tu_nan_tensor(ctx, DIMS(77, 33));
     TU_FAILS(clh_layer_norm_backward(ctx, tx, g_bad, 1e-5f, tdy, tdx, NULL, NULL), CLH_ERR_SHAPE,
              "clh_layer_norm_backward: gamma must have 77 elements (x [33, 77], gamma [76])");
     TU_FAILS(clh_layer_norm_backward(ctx, tx, tg, 1e-5f, dy_bad, tdx, NULL, NULL), CLH_ERR_SHAPE,
@@ -733,10 +702,10 @@ static void check_softmax_case(clh_ctx *ctx, size_t blocks, size_t lq, size_t co
         yf[i] = (float)y[i];
     double *yr = to_double(yf, n), *dyd = to_double(dy, n);
     ref_softmax_backward(yr, dyd, rows, cols, scale, dx); /* from the y the device sees */
-    clh_tensor *ty = put(ctx, 1, DIMS((int64_t)blocks, (int64_t)lq, (int64_t)cols), yf);
-    clh_tensor *tdy = put(ctx, 4, DIMS((int64_t)blocks, (int64_t)lq, (int64_t)cols), dy);
+    clh_tensor *ty = tu_put(ctx, 1, DIMS((int64_t)blocks, (int64_t)lq, (int64_t)cols), yf);
+    clh_tensor *tdy = tu_put(ctx, 4, DIMS((int64_t)blocks, (int64_t)lq, (int64_t)cols), dy);
     clh_tensor *tdx =
-        in_place ? tdy : nan_tensor(ctx, DIMS((int64_t)blocks, (int64_t)lq, (int64_t)cols));
+        in_place ? tdy : tu_nan_tensor(ctx, DIMS((int64_t)blocks, (int64_t)lq, (int64_t)cols));
     TU_OK(clh_softmax_backward(ctx, ty, tdy, (float)scale, tdx));
     expect_close("softmax_backward", tdx, dx, n, row_tol(dx, n));
     clh_tensor_release(ty);
@@ -759,7 +728,7 @@ static void test_softmax_backward(void **state) {
             check_softmax_case(ctx, shapes[s][0], shapes[s][1], widths[w], (int)((s + w) % 2),
                                (int)(w == 1), seed);
     check_softmax_case(ctx, 3, 11, 13, 1, 0, 900);
-    clh_tensor *y = nan_tensor(ctx, DIMS(2, 5, 7)), *bad = nan_tensor(ctx, DIMS(2, 7, 5));
+    clh_tensor *y = tu_nan_tensor(ctx, DIMS(2, 5, 7)), *bad = tu_nan_tensor(ctx, DIMS(2, 7, 5));
     TU_FAILS(clh_softmax_backward(ctx, y, bad, 1, y), CLH_ERR_SHAPE,
              "clh_softmax_backward: last dimensions differ (y [2, 5, 7], dy [2, 7, 5])");
     TU_FAILS(clh_softmax_backward(ctx, y, y, 1, bad), CLH_ERR_SHAPE, "dx [2, 7, 5]");
@@ -954,10 +923,10 @@ static void check_attention_case(clh_ctx *ctx, const attn_shape *s, uint32_t see
     attn_ref r = attn_ref_new(s, &a);
     int64_t qs[3] = {(int64_t)s->n, (int64_t)s->lq, (int64_t)s->d};
     int64_t ks[3] = {(int64_t)s->n, (int64_t)s->lk, (int64_t)s->d};
-    clh_tensor *tq = put(ctx, 3, 3, qs, a.q), *tk = put(ctx, 0, 3, ks, a.k);
-    clh_tensor *tv = put(ctx, 1, 3, ks, a.v), *tdo = put(ctx, 2, 3, qs, a.dout);
-    clh_tensor *tdq = put(ctx, 5, 3, qs, NULL), *tdk = put(ctx, 0, 3, ks, NULL);
-    clh_tensor *tdv = put(ctx, 7, 3, ks, NULL);
+    clh_tensor *tq = tu_put(ctx, 3, 3, qs, a.q), *tk = tu_put(ctx, 0, 3, ks, a.k);
+    clh_tensor *tv = tu_put(ctx, 1, 3, ks, a.v), *tdo = tu_put(ctx, 2, 3, qs, a.dout);
+    clh_tensor *tdq = tu_put(ctx, 5, 3, qs, NULL), *tdk = tu_put(ctx, 0, 3, ks, NULL);
+    clh_tensor *tdv = tu_put(ctx, 7, 3, ks, NULL);
     TU_OK(clh_attention_backward(ctx, tq, tk, tv, s->heads, s->causal, tdo, tdq, tdk, tdv));
     expect_close("attention_backward", tdq, r.dq, a.nq, row_tol(r.dq, a.nq));
     expect_close("attention_backward", tdk, r.dk, a.nk, row_tol(r.dk, a.nk));
@@ -995,10 +964,11 @@ static void test_attention_backward_misc(void **state) {
     attn_shape s = {2, 7, 7, 10, 2, 1};
     attn_data a = attn_data_new(&s, 1200);
     attn_ref r = attn_ref_new(&s, &a);
-    clh_tensor *tq = put(ctx, 0, DIMS(2, 7, 10), a.q), *tk = put(ctx, 0, DIMS(2, 7, 10), a.k);
-    clh_tensor *tv = put(ctx, 0, DIMS(2, 7, 10), a.v), *tdo = put(ctx, 0, DIMS(2, 7, 10), a.dout);
-    clh_tensor *tdq = nan_tensor(ctx, DIMS(2, 7, 10)), *tdk = nan_tensor(ctx, DIMS(2, 7, 10));
-    clh_tensor *tdv = nan_tensor(ctx, DIMS(2, 7, 10));
+    clh_tensor *tq = tu_put(ctx, 0, DIMS(2, 7, 10), a.q), *tk = tu_put(ctx, 0, DIMS(2, 7, 10), a.k);
+    clh_tensor *tv = tu_put(ctx, 0, DIMS(2, 7, 10), a.v),
+               *tdo = tu_put(ctx, 0, DIMS(2, 7, 10), a.dout);
+    clh_tensor *tdq = tu_nan_tensor(ctx, DIMS(2, 7, 10)), *tdk = tu_nan_tensor(ctx, DIMS(2, 7, 10));
+    clh_tensor *tdv = tu_nan_tensor(ctx, DIMS(2, 7, 10));
     TU_OK(clh_attention_backward(ctx, tq, tk, tv, 2, 1, tdo, NULL, NULL, tdv));
     expect_close("attention_backward", tdv, r.dv, a.nq, row_tol(r.dv, a.nq));
     TU_OK(clh_attention_backward(ctx, tq, tk, tv, 2, 1, tdo, tdq, NULL, NULL));
@@ -1013,7 +983,8 @@ static void test_attention_backward_misc(void **state) {
     expect_close("attention_backward", tk, r.dk, a.nq, row_tol(r.dk, a.nq));
     expect_close("attention_backward", tdo, r.dv, a.nq, row_tol(r.dv, a.nq));
 
-    clh_tensor *bad = nan_tensor(ctx, DIMS(2, 7, 12)), *bad_k = nan_tensor(ctx, DIMS(2, 5, 10));
+    clh_tensor *bad = tu_nan_tensor(ctx, DIMS(2, 7, 12)),
+               *bad_k = tu_nan_tensor(ctx, DIMS(2, 5, 10));
     TU_FAILS(clh_attention_backward(ctx, tq, tk, tv, 3, 0, tdo, tdq, tdk, tdv), CLH_ERR_SHAPE,
              "heads = 3 does not divide D = 10");
     TU_FAILS(clh_attention_backward(ctx, tq, tk, tv, 2, 0, bad, tdq, tdk, tdv), CLH_ERR_SHAPE,
@@ -1032,8 +1003,8 @@ static void test_attention_backward_misc(void **state) {
              CLH_ERR_INVALID_ARGUMENT, "tensor dout is NULL");
 
     /* no queries: dk and dv are zero */
-    clh_tensor *q0 = nan_tensor(ctx, DIMS(2, 0, 10)), *dk0 = nan_tensor(ctx, DIMS(2, 5, 10));
-    clh_tensor *dv0 = nan_tensor(ctx, DIMS(2, 5, 10));
+    clh_tensor *q0 = tu_nan_tensor(ctx, DIMS(2, 0, 10)), *dk0 = tu_nan_tensor(ctx, DIMS(2, 5, 10));
+    clh_tensor *dv0 = tu_nan_tensor(ctx, DIMS(2, 5, 10));
     double zeros[2 * 5 * 10] = {0};
     TU_OK(clh_attention_backward(ctx, q0, bad_k, bad_k, 2, 1, q0, q0, dk0, dv0));
     expect_close("attention_backward", dk0, zeros, 100, 0);
@@ -1122,15 +1093,15 @@ static void test_activation_backward(void **state) {
             double *want = alloc_doubles(n);
             for (size_t i = 0; i < n; i++)
                 want[i] = (double)dy[i] * activations[a].grad(x[i]);
-            clh_tensor *tx = put(ctx, 1, DIMS((int64_t)n), x),
-                       *tdy = put(ctx, 3, DIMS((int64_t)n), dy);
-            clh_tensor *tdx = nan_tensor(ctx, DIMS((int64_t)n));
+            clh_tensor *tx = tu_put(ctx, 1, DIMS((int64_t)n), x),
+                       *tdy = tu_put(ctx, 3, DIMS((int64_t)n), dy);
+            clh_tensor *tdx = tu_nan_tensor(ctx, DIMS((int64_t)n));
             TU_OK(activations[a].backward(ctx, tx, tdy, tdx));
             expect_close(activations[a].name, tdx, want, n, row_tol(want, n));
             TU_OK(activations[a].backward(ctx, tx, tdy, tdy)); /* dx may alias dy */
             expect_close(activations[a].name, tdy, want, n, row_tol(want, n));
             TU_OK(activations[a].backward(ctx, tx, tdy, NULL));
-            clh_tensor *bad = nan_tensor(ctx, DIMS((int64_t)n + 1));
+            clh_tensor *bad = tu_nan_tensor(ctx, DIMS((int64_t)n + 1));
             TU_FAILS(activations[a].backward(ctx, tx, bad, tdx), CLH_ERR_SHAPE, "dy [");
             TU_FAILS(activations[a].backward(ctx, tx, tdy, bad), CLH_ERR_SHAPE,
                      activations[a].name);
@@ -1210,9 +1181,9 @@ static void test_l2_normalize_backward(void **state) {
             float *x = random_floats(n, -1, 1, seed), *dy = random_floats(n, -1, 1, seed + 1);
             double *xd = to_double(x, n), *dyd = to_double(dy, n), *want = alloc_doubles(n);
             ref_l2_normalize_backward(xd, dyd, rows[r], cols[c], want);
-            clh_tensor *tx = put(ctx, 2, DIMS((int64_t)rows[r], (int64_t)cols[c]), x);
-            clh_tensor *tdy = put(ctx, 0, DIMS((int64_t)rows[r], (int64_t)cols[c]), dy);
-            clh_tensor *tdx = nan_tensor(ctx, DIMS((int64_t)rows[r], (int64_t)cols[c]));
+            clh_tensor *tx = tu_put(ctx, 2, DIMS((int64_t)rows[r], (int64_t)cols[c]), x);
+            clh_tensor *tdy = tu_put(ctx, 0, DIMS((int64_t)rows[r], (int64_t)cols[c]), dy);
+            clh_tensor *tdx = tu_nan_tensor(ctx, DIMS((int64_t)rows[r], (int64_t)cols[c]));
             TU_OK(clh_l2_normalize_backward(ctx, tx, tdy, tdx));
             expect_close("l2_normalize_backward", tdx, want, n, row_tol(want, n));
             TU_OK(clh_l2_normalize_backward(ctx, tx, tdy, tdy)); /* in place is safe */
@@ -1229,8 +1200,8 @@ static void test_l2_normalize_backward(void **state) {
     double want[5];
     for (int i = 0; i < 5; i++)
         want[i] = dy[i] * 1e12;
-    clh_tensor *tx = put(ctx, 0, DIMS(1, 5), zero), *tdy = put(ctx, 0, DIMS(1, 5), dy);
-    clh_tensor *tdx = nan_tensor(ctx, DIMS(1, 5)), *bad = nan_tensor(ctx, DIMS(5, 1));
+    clh_tensor *tx = tu_put(ctx, 0, DIMS(1, 5), zero), *tdy = tu_put(ctx, 0, DIMS(1, 5), dy);
+    clh_tensor *tdx = tu_nan_tensor(ctx, DIMS(1, 5)), *bad = tu_nan_tensor(ctx, DIMS(5, 1));
     TU_OK(clh_l2_normalize_backward(ctx, tx, tdy, tdx));
     expect_close("l2_normalize_backward", tdx, want, 5, row_tol(want, 5));
     TU_FAILS(clh_l2_normalize_backward(ctx, tx, bad, tdx), CLH_ERR_SHAPE,
@@ -1299,30 +1270,30 @@ static void test_scatter_add_rows(void **state) {
         for (size_t c = 0; c < cols; c++)
             want[(size_t)index[i] * cols + c] += dy[i * cols + c];
     double *want_d = to_double(want, rows * cols);
-    clh_tensor *tdy = put(ctx, 3, DIMS((int64_t)n, (int64_t)cols), dy);
-    clh_tensor *tdx = put(ctx, 1, DIMS(3, 3, (int64_t)cols), dx0);
+    clh_tensor *tdy = tu_put(ctx, 3, DIMS((int64_t)n, (int64_t)cols), dy);
+    clh_tensor *tdx = tu_put(ctx, 1, DIMS(3, 3, (int64_t)cols), dx0);
     TU_OK(clh_scatter_add_rows(ctx, tdy, index, n, tdx));
-    float *got = fetch(tdx);
+    float *got = tu_fetch(tdx);
     expect_close("scatter_add_rows", tdx, want_d, rows * cols, 0);
     assert_memory_equal(got, want, rows * cols * sizeof *want);
 
     TU_OK(clh_scatter_add_rows(ctx, tdy, index, 0, NULL)); /* nothing to do */
     int32_t none[1] = {0};
-    clh_tensor *empty_dy = nan_tensor(ctx, DIMS(0, (int64_t)cols));
+    clh_tensor *empty_dy = tu_nan_tensor(ctx, DIMS(0, (int64_t)cols));
     TU_OK(clh_scatter_add_rows(ctx, empty_dy, none, 0, tdx));
     expect_close("scatter_add_rows", tdx, want_d, rows * cols, 0);
 
     int32_t bad_index[2] = {1, 9};
-    clh_tensor *dy2 = put(ctx, 0, DIMS(2, (int64_t)cols), dy);
+    clh_tensor *dy2 = tu_put(ctx, 0, DIMS(2, (int64_t)cols), dy);
     TU_FAILS(clh_scatter_add_rows(ctx, dy2, bad_index, 2, tdx), CLH_ERR_INVALID_ARGUMENT,
              "index[1] = 9 is outside [0, 9)");
     TU_FAILS(clh_scatter_add_rows(ctx, dy2, NULL, 2, tdx), CLH_ERR_INVALID_ARGUMENT,
              "index is NULL");
     TU_FAILS(clh_scatter_add_rows(ctx, dy2, index, 3, tdx), CLH_ERR_SHAPE,
              "clh_scatter_add_rows: dy must be [3, 77] (dy [2, 77], dx [3, 3, 77])");
-    clh_tensor *flat = nan_tensor(ctx, DIMS((int64_t)cols));
+    clh_tensor *flat = tu_nan_tensor(ctx, DIMS((int64_t)cols));
     TU_FAILS(clh_scatter_add_rows(ctx, dy2, index, 2, flat), CLH_ERR_SHAPE, "dx [77]");
-    clh_tensor *both = nan_tensor(ctx, DIMS(4, 5)), *dy_view = NULL, *dx_view = NULL;
+    clh_tensor *both = tu_nan_tensor(ctx, DIMS(4, 5)), *dy_view = NULL, *dx_view = NULL;
     TU_OK(clh_tensor_view(both, 0, DIMS(2, 5), &dy_view));
     TU_OK(clh_tensor_view(both, 5, DIMS(2, 5), &dx_view));
     int32_t in_range[2] = {1, 0};
@@ -1347,7 +1318,7 @@ static void test_axpy_and_scale(void **state) {
     double *want = alloc_doubles(n);
     for (size_t i = 0; i < n; i++)
         want[i] = y[i] + 0.3 * (double)x[i];
-    clh_tensor *tx = put(ctx, 1, DIMS(10, 100), x), *ty = put(ctx, 2, DIMS((int64_t)n), y);
+    clh_tensor *tx = tu_put(ctx, 1, DIMS(10, 100), x), *ty = tu_put(ctx, 2, DIMS((int64_t)n), y);
     TU_OK(clh_axpy(ctx, 0.3f, tx, ty));
     expect_close("axpy", ty, want, n, row_tol(want, n));
     TU_OK(clh_axpy(ctx, -0.5f, ty, ty)); /* x may be y */
@@ -1358,7 +1329,7 @@ static void test_axpy_and_scale(void **state) {
     for (size_t i = 0; i < n; i++)
         want[i] *= -3.0;
     expect_close("scale", ty, want, n, row_tol(want, n));
-    clh_tensor *bad = nan_tensor(ctx, DIMS(999));
+    clh_tensor *bad = tu_nan_tensor(ctx, DIMS(999));
     TU_FAILS(clh_axpy(ctx, 1, tx, bad), CLH_ERR_SHAPE,
              "clh_axpy: x has 1000 elements but y has 999 (x [10, 100], y [999])");
     TU_FAILS(clh_scale(ctx, NULL, 1), CLH_ERR_INVALID_ARGUMENT, "clh_scale: tensor x is NULL");
@@ -1379,7 +1350,7 @@ static void test_sum_squares(void **state) {
         double want = 0, got = -1;
         for (size_t i = 0; i < n; i++)
             want += (double)x[i] * x[i];
-        clh_tensor *tx = put(ctx, 3, DIMS((int64_t)n), x);
+        clh_tensor *tx = tu_put(ctx, 3, DIMS((int64_t)n), x);
         TU_OK(clh_sum_squares(ctx, tx, &got));
         double rel = fabs(got - want) / want;
         note_error("sum_squares", 0, rel);
@@ -1388,7 +1359,7 @@ static void test_sum_squares(void **state) {
         clh_tensor_release(tx);
         free(x);
     }
-    clh_tensor *empty = nan_tensor(ctx, DIMS(0)), *x = nan_tensor(ctx, DIMS(3));
+    clh_tensor *empty = tu_nan_tensor(ctx, DIMS(0)), *x = tu_nan_tensor(ctx, DIMS(3));
     double got = -1;
     TU_OK(clh_sum_squares(ctx, empty, &got));
     assert_true(got == 0.0);

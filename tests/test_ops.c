@@ -23,39 +23,10 @@ static float *alloc_floats(size_t n) {
     return x;
 }
 
-/* Device tensor holding data; with offset > 0 it is a view that starts `offset`
- * elements into a larger buffer, so kernels must honour the element offset. */
-static clh_tensor *put(clh_ctx *ctx, size_t offset, int ndim, const int64_t *shape,
-                       const float *data) {
-    size_t numel = 1;
-    for (int i = 0; i < ndim; i++)
-        numel *= (size_t)shape[i];
-    int64_t base_shape[1] = {(int64_t)(offset + numel + 3)};
-    clh_tensor *base = NULL, *view = NULL;
-    TU_OK(clh_tensor_new(ctx, 1, base_shape, &base));
-    TU_OK(clh_tensor_fill(base, NAN));
-    TU_OK(clh_tensor_view(base, offset, ndim, shape, &view));
-    clh_tensor_release(base);
-    if (data)
-        TU_OK(clh_tensor_upload(view, data, numel));
-    return view;
-}
-
-/* Output tensor pre-filled with NaN, so an element a kernel skips shows up. */
-static clh_tensor *nan_tensor(clh_ctx *ctx, int ndim, const int64_t *shape) {
-    return put(ctx, 0, ndim, shape, NULL);
-}
-
-static float *fetch(const clh_tensor *t) {
-    float *x = alloc_floats(clh_tensor_numel(t));
-    TU_OK(clh_tensor_download(t, x, clh_tensor_numel(t)));
-    return x;
-}
-
 static void assert_tensor_close(const clh_tensor *t, const float *want, size_t n, double rel,
                                 double abs_floor) {
     assert_int_equal(clh_tensor_numel(t), n);
-    float *got = fetch(t);
+    float *got = tu_fetch(t);
     /* tu_max_errors lets a NaN through unless it is the last element: check first */
     for (size_t i = 0; i < n; i++)
         if (isfinite(want[i]) && !isfinite(got[i]))
@@ -103,13 +74,13 @@ static void check_gemm_case(clh_ctx *ctx, int ta, int tb) {
     size_t na = a_rows * lda, nb = b_rows * ldb, nc = m * ldc;
     float *a = random_floats(na, -1, 1, 11 + ta), *b = random_floats(nb, -2, 2, 21 + tb);
     float *c = random_floats(nc, -1, 1, 31);
-    clh_tensor *ta_t = put(ctx, 5, DIMS((int64_t)na), a);
-    clh_tensor *tb_t = put(ctx, 0, DIMS((int64_t)nb), b);
-    clh_tensor *tc_t = put(ctx, 9, DIMS((int64_t)nc), c);
+    clh_tensor *ta_t = tu_put(ctx, 5, DIMS((int64_t)na), a);
+    clh_tensor *tb_t = tu_put(ctx, 0, DIMS((int64_t)nb), b);
+    clh_tensor *tc_t = tu_put(ctx, 9, DIMS((int64_t)nc), c);
     const float alpha = 1.5f, beta = 0.5f;
     TU_OK(clh_gemm(ctx, ta, tb, m, n, k, alpha, ta_t, lda, tb_t, ldb, beta, tc_t, ldc));
     ref_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    float *got = fetch(tc_t);
+    float *got = tu_fetch(tc_t);
     /* the padding columns of C must be untouched: compare every element */
     double err, mag;
     tu_max_errors(got, c, nc, &err, &mag);
@@ -136,9 +107,9 @@ static void test_gemm_transposes(void **state) {
 static void check_gemm_beta_zero(clh_ctx *ctx, size_t m, size_t n, size_t k) {
     float *a = random_floats(m * k, -1, 1, 1), *b = random_floats(k * n, -1, 1, 2);
     float *want = alloc_floats(m * n);
-    clh_tensor *ta = put(ctx, 0, DIMS((int64_t)m, (int64_t)k), a);
-    clh_tensor *tb = put(ctx, 0, DIMS((int64_t)k, (int64_t)n), b);
-    clh_tensor *tc = nan_tensor(ctx, DIMS((int64_t)m, (int64_t)n));
+    clh_tensor *ta = tu_put(ctx, 0, DIMS((int64_t)m, (int64_t)k), a);
+    clh_tensor *tb = tu_put(ctx, 0, DIMS((int64_t)k, (int64_t)n), b);
+    clh_tensor *tc = tu_nan_tensor(ctx, DIMS((int64_t)m, (int64_t)n));
     TU_OK(clh_gemm(ctx, 0, 0, m, n, k, 1.0f, ta, k, tb, n, 0.0f, tc, n));
     ref_gemm(0, 0, m, n, k, 1.0f, a, k, b, n, 0.0f, want, n);
     assert_tensor_close(tc, want, m * n, 0, gemm_tol(k, 1.0f, a, m * k, b, k * n));
@@ -167,9 +138,9 @@ static void test_gemm_batched(void **state) {
         size_t na = batch * sa, nb = batch * sb, nc = batch * sc;
         float *a = random_floats(na, -1, 1, 41), *b = random_floats(nb, -1, 1, 42);
         float *c = random_floats(nc, -1, 1, 43);
-        clh_tensor *ta_t = put(ctx, 0, DIMS((int64_t)na), a);
-        clh_tensor *tb_t = put(ctx, 3, DIMS((int64_t)nb), b);
-        clh_tensor *tc_t = put(ctx, 0, DIMS((int64_t)nc), c);
+        clh_tensor *ta_t = tu_put(ctx, 0, DIMS((int64_t)na), a);
+        clh_tensor *tb_t = tu_put(ctx, 3, DIMS((int64_t)nb), b);
+        clh_tensor *tc_t = tu_put(ctx, 0, DIMS((int64_t)nc), c);
         TU_OK(clh_gemm_batched(ctx, ta, tb, m, n, k, 0.75f, ta_t, lda, sa, tb_t, ldb, sb, 0.25f,
                                tc_t, ldc, sc, batch));
         for (size_t i = 0; i < batch; i++)
@@ -187,8 +158,8 @@ static void test_gemm_batched(void **state) {
 
 static void test_gemm_errors(void **state) {
     TU_CTX_OR_SKIP(ctx);
-    clh_tensor *a = nan_tensor(ctx, DIMS(4, 6)), *b = nan_tensor(ctx, DIMS(6, 5));
-    clh_tensor *c = nan_tensor(ctx, DIMS(4, 5));
+    clh_tensor *a = tu_nan_tensor(ctx, DIMS(4, 6)), *b = tu_nan_tensor(ctx, DIMS(6, 5));
+    clh_tensor *c = tu_nan_tensor(ctx, DIMS(4, 5));
     TU_FAILS(clh_gemm(ctx, 0, 0, 4, 5, 6, 1, a, 5, b, 5, 0, c, 5), CLH_ERR_INVALID_ARGUMENT,
              "leading dimension of A (5)");
     TU_FAILS(clh_gemm(ctx, 0, 0, 5, 5, 6, 1, a, 6, b, 5, 0, c, 5), CLH_ERR_SHAPE, "[4, 6]");
@@ -226,10 +197,10 @@ static void test_linear(void **state) {
     const size_t rows = 14, in = 77, out = 130;
     float *x = random_floats(rows * in, -1, 1, 51), *w = random_floats(out * in, -0.5f, 0.5f, 52);
     float *b = random_floats(out, -3, 3, 53), *want = alloc_floats(rows * out);
-    clh_tensor *tx = put(ctx, 3, DIMS(2, 7, (int64_t)in), x);
-    clh_tensor *tw = put(ctx, 0, DIMS((int64_t)out, (int64_t)in), w);
-    clh_tensor *tb = put(ctx, 1, DIMS((int64_t)out), b);
-    clh_tensor *ty = nan_tensor(ctx, DIMS(2, 7, (int64_t)out));
+    clh_tensor *tx = tu_put(ctx, 3, DIMS(2, 7, (int64_t)in), x);
+    clh_tensor *tw = tu_put(ctx, 0, DIMS((int64_t)out, (int64_t)in), w);
+    clh_tensor *tb = tu_put(ctx, 1, DIMS((int64_t)out), b);
+    clh_tensor *ty = tu_nan_tensor(ctx, DIMS(2, 7, (int64_t)out));
     double tol = gemm_tol(in, 1, x, rows * in, w, out * in);
 
     TU_OK(clh_linear(ctx, tx, tw, tb, ty));
@@ -241,13 +212,13 @@ static void test_linear(void **state) {
     ref_linear(x, w, NULL, rows, in, out, want);
     assert_tensor_close(ty, want, rows * out, 0, tol);
 
-    clh_tensor *bad_y = nan_tensor(ctx, DIMS(14, 129)), *bad_b = nan_tensor(ctx, DIMS(129));
-    clh_tensor *bad_w = nan_tensor(ctx, DIMS((int64_t)out, 76));
+    clh_tensor *bad_y = tu_nan_tensor(ctx, DIMS(14, 129)), *bad_b = tu_nan_tensor(ctx, DIMS(129));
+    clh_tensor *bad_w = tu_nan_tensor(ctx, DIMS((int64_t)out, 76));
     TU_FAILS(clh_linear(ctx, tx, tw, tb, bad_y), CLH_ERR_SHAPE, "[14, 129]");
     TU_FAILS(clh_linear(ctx, tx, tw, bad_b, ty), CLH_ERR_SHAPE, "clh_linear");
     TU_FAILS(clh_linear(ctx, tx, bad_w, tb, ty), CLH_ERR_SHAPE, "[2, 7, 77]");
     TU_FAILS(clh_linear(ctx, tx, tw, tb, tx), CLH_ERR_SHAPE, "clh_linear");
-    clh_tensor *square_w = nan_tensor(ctx, DIMS((int64_t)in, (int64_t)in));
+    clh_tensor *square_w = tu_nan_tensor(ctx, DIMS((int64_t)in, (int64_t)in));
     TU_FAILS(clh_linear(ctx, tx, square_w, NULL, tx), CLH_ERR_INVALID_ARGUMENT, "alias");
     clh_tensor_release(square_w);
     clh_tensor_release(bad_y);
@@ -297,10 +268,10 @@ static void test_layer_norm(void **state) {
         float *g = random_floats(cols, 0.5f, 1.5f, 70), *b = random_floats(cols, -1, 1, 71);
         float *want = alloc_floats(n);
         ref_layer_norm(x, g, b, rows, cols, 1e-5f, want);
-        clh_tensor *tx = put(ctx, 7, DIMS((int64_t)rows, (int64_t)cols), x);
-        clh_tensor *tg = put(ctx, 0, DIMS((int64_t)cols), g);
-        clh_tensor *tb = put(ctx, 2, DIMS((int64_t)cols), b);
-        clh_tensor *ty = nan_tensor(ctx, DIMS((int64_t)rows, (int64_t)cols));
+        clh_tensor *tx = tu_put(ctx, 7, DIMS((int64_t)rows, (int64_t)cols), x);
+        clh_tensor *tg = tu_put(ctx, 0, DIMS((int64_t)cols), g);
+        clh_tensor *tb = tu_put(ctx, 2, DIMS((int64_t)cols), b);
+        clh_tensor *ty = tu_nan_tensor(ctx, DIMS((int64_t)rows, (int64_t)cols));
         TU_OK(clh_layer_norm(ctx, tx, tg, tb, 1e-5f, ty));
         assert_tensor_close(ty, want, n, TOL, 1e-6);
         TU_OK(clh_layer_norm(ctx, tx, tg, tb, 1e-5f, tx)); /* in place */
@@ -318,8 +289,8 @@ static void test_layer_norm(void **state) {
 
 static void test_layer_norm_errors(void **state) {
     TU_CTX_OR_SKIP(ctx);
-    clh_tensor *x = nan_tensor(ctx, DIMS(7, 77)), *g = nan_tensor(ctx, DIMS(77));
-    clh_tensor *g_bad = nan_tensor(ctx, DIMS(76)), *y_bad = nan_tensor(ctx, DIMS(77, 7));
+    clh_tensor *x = tu_nan_tensor(ctx, DIMS(7, 77)), *g = tu_nan_tensor(ctx, DIMS(77));
+    clh_tensor *g_bad = tu_nan_tensor(ctx, DIMS(76)), *y_bad = tu_nan_tensor(ctx, DIMS(77, 7));
     TU_FAILS(clh_layer_norm(ctx, x, g_bad, g, 1e-5f, x), CLH_ERR_SHAPE, "[76]");
     TU_FAILS(clh_layer_norm(ctx, x, g, g_bad, 1e-5f, x), CLH_ERR_SHAPE, "clh_layer_norm");
     TU_FAILS(clh_layer_norm(ctx, x, g, g, 1e-5f, y_bad), CLH_ERR_SHAPE, "[77, 7]");
@@ -352,8 +323,8 @@ static void check_softmax(clh_ctx *ctx, size_t batch, size_t lq, size_t lk, floa
     size_t rows = batch * lq, n = rows * lk;
     float *x = random_floats(n, -8, 8, (uint32_t)(lq * 31 + lk)), *want = alloc_floats(n);
     ref_softmax(x, rows, lq, lk, scale, causal, want);
-    clh_tensor *tx = put(ctx, 1, DIMS((int64_t)batch, (int64_t)lq, (int64_t)lk), x);
-    clh_tensor *ty = nan_tensor(ctx, DIMS((int64_t)batch, (int64_t)lq, (int64_t)lk));
+    clh_tensor *tx = tu_put(ctx, 1, DIMS((int64_t)batch, (int64_t)lq, (int64_t)lk), x);
+    clh_tensor *ty = tu_nan_tensor(ctx, DIMS((int64_t)batch, (int64_t)lq, (int64_t)lk));
     TU_OK(clh_softmax(ctx, tx, scale, causal, ty));
     assert_tensor_close(ty, want, n, TOL, 1e-7);
     TU_OK(clh_softmax(ctx, tx, scale, causal, tx));
@@ -372,7 +343,7 @@ static void test_softmax(void **state) {
     check_softmax(ctx, 2, 5, 9, 1.25f, 1); /* causal, more keys than queries */
     check_softmax(ctx, 1, 33, 5, 1.0f, 1); /* causal, rows past the last key */
 
-    clh_tensor *x = nan_tensor(ctx, DIMS(2, 7, 5)), *y = nan_tensor(ctx, DIMS(2, 5, 7));
+    clh_tensor *x = tu_nan_tensor(ctx, DIMS(2, 7, 5)), *y = tu_nan_tensor(ctx, DIMS(2, 5, 7));
     TU_FAILS(clh_softmax(ctx, x, 1, 0, y), CLH_ERR_SHAPE, "[2, 5, 7]");
     clh_tensor_release(x);
     clh_tensor_release(y);
@@ -394,13 +365,13 @@ static void test_l2_normalize(void **state) {
         for (size_t c = 0; c < cols; c++)
             want[r * cols + c] = (float)(x[r * cols + c] / norm);
     }
-    clh_tensor *tx = put(ctx, 4, DIMS((int64_t)rows, (int64_t)cols), x);
-    clh_tensor *ty = nan_tensor(ctx, DIMS((int64_t)rows, (int64_t)cols));
+    clh_tensor *tx = tu_put(ctx, 4, DIMS((int64_t)rows, (int64_t)cols), x);
+    clh_tensor *ty = tu_nan_tensor(ctx, DIMS((int64_t)rows, (int64_t)cols));
     TU_OK(clh_l2_normalize(ctx, tx, ty));
     assert_tensor_close(ty, want, n, TOL, 1e-7);
     TU_OK(clh_l2_normalize(ctx, tx, tx));
     assert_tensor_close(tx, want, n, TOL, 1e-7);
-    clh_tensor *bad = nan_tensor(ctx, DIMS((int64_t)cols, (int64_t)rows));
+    clh_tensor *bad = tu_nan_tensor(ctx, DIMS((int64_t)cols, (int64_t)rows));
     TU_FAILS(clh_l2_normalize(ctx, tx, bad), CLH_ERR_SHAPE, "[77, 7]");
     clh_tensor_release(bad);
     clh_tensor_release(tx);
@@ -450,10 +421,10 @@ static void check_attention(clh_ctx *ctx, size_t n, size_t lq, size_t lk, size_t
     float *q = random_floats(nq, -2, 2, 90), *k = random_floats(nk, -2, 2, 91);
     float *v = random_floats(nk, -1, 1, 92), *want = alloc_floats(nq);
     ref_attention(q, k, v, n, lq, lk, d, heads, causal, want);
-    clh_tensor *tq = put(ctx, 2, DIMS((int64_t)n, (int64_t)lq, (int64_t)d), q);
-    clh_tensor *tk = put(ctx, 0, DIMS((int64_t)n, (int64_t)lk, (int64_t)d), k);
-    clh_tensor *tv = put(ctx, 5, DIMS((int64_t)n, (int64_t)lk, (int64_t)d), v);
-    clh_tensor *to = nan_tensor(ctx, DIMS((int64_t)n, (int64_t)lq, (int64_t)d));
+    clh_tensor *tq = tu_put(ctx, 2, DIMS((int64_t)n, (int64_t)lq, (int64_t)d), q);
+    clh_tensor *tk = tu_put(ctx, 0, DIMS((int64_t)n, (int64_t)lk, (int64_t)d), k);
+    clh_tensor *tv = tu_put(ctx, 5, DIMS((int64_t)n, (int64_t)lk, (int64_t)d), v);
+    clh_tensor *to = tu_nan_tensor(ctx, DIMS((int64_t)n, (int64_t)lq, (int64_t)d));
     TU_OK(clh_attention(ctx, tq, tk, tv, heads, causal, to));
     assert_tensor_close(to, want, nq, TOL, 1e-6);
     TU_OK(clh_attention(ctx, tq, tk, tv, heads, causal, tq)); /* out may be q */
@@ -478,8 +449,9 @@ static void test_attention(void **state) {
 
 static void test_attention_errors(void **state) {
     TU_CTX_OR_SKIP(ctx);
-    clh_tensor *q = nan_tensor(ctx, DIMS(2, 7, 12)), *k = nan_tensor(ctx, DIMS(2, 5, 12));
-    clh_tensor *k_bad = nan_tensor(ctx, DIMS(2, 5, 10)), *o_bad = nan_tensor(ctx, DIMS(2, 5, 12));
+    clh_tensor *q = tu_nan_tensor(ctx, DIMS(2, 7, 12)), *k = tu_nan_tensor(ctx, DIMS(2, 5, 12));
+    clh_tensor *k_bad = tu_nan_tensor(ctx, DIMS(2, 5, 10)),
+               *o_bad = tu_nan_tensor(ctx, DIMS(2, 5, 12));
     TU_FAILS(clh_attention(ctx, q, k, k, 5, 0, q), CLH_ERR_SHAPE, "heads = 5");
     TU_FAILS(clh_attention(ctx, q, k_bad, k_bad, 3, 0, q), CLH_ERR_SHAPE, "[2, 5, 10]");
     TU_FAILS(clh_attention(ctx, q, k, k_bad, 3, 0, q), CLH_ERR_SHAPE, "clh_attention");
@@ -502,14 +474,14 @@ static void test_activations(void **state) {
         want_q[i] = (float)(v / (1.0 + exp(-1.702 * v)));
         want_g[i] = (float)(0.5 * v * (1.0 + erf(v / sqrt(2.0))));
     }
-    clh_tensor *tx = put(ctx, 3, DIMS(27, 19), x), *ty = nan_tensor(ctx, DIMS((int64_t)n));
+    clh_tensor *tx = tu_put(ctx, 3, DIMS(27, 19), x), *ty = tu_nan_tensor(ctx, DIMS((int64_t)n));
     TU_OK(clh_quick_gelu(ctx, tx, ty));
     assert_tensor_close(ty, want_q, n, TOL, 1e-6);
     TU_OK(clh_gelu(ctx, tx, ty));
     assert_tensor_close(ty, want_g, n, TOL, 1e-6);
     TU_OK(clh_gelu(ctx, tx, tx)); /* in place */
     assert_tensor_close(tx, want_g, n, TOL, 1e-6);
-    clh_tensor *bad = nan_tensor(ctx, DIMS(512));
+    clh_tensor *bad = tu_nan_tensor(ctx, DIMS(512));
     TU_FAILS(clh_gelu(ctx, tx, bad), CLH_ERR_SHAPE, "[512]");
     TU_FAILS(clh_quick_gelu(ctx, bad, tx), CLH_ERR_SHAPE, "clh_quick_gelu");
     clh_tensor_release(bad);
@@ -525,10 +497,10 @@ static void test_adds(void **state) {
     const size_t n_batch = 3, len = 7, dim = 5, n = n_batch * len * dim;
     float *a = random_floats(n, -1, 1, 110), *b = random_floats(n, -1, 1, 111);
     float *rows = random_floats(len * dim, -1, 1, 112), *want = alloc_floats(n);
-    clh_tensor *ta = put(ctx, 1, DIMS((int64_t)n_batch, (int64_t)len, (int64_t)dim), a);
-    clh_tensor *tb = put(ctx, 6, DIMS((int64_t)n), b);
-    clh_tensor *tr = put(ctx, 2, DIMS((int64_t)len, (int64_t)dim), rows);
-    clh_tensor *tbias = put(ctx, 4, DIMS((int64_t)dim), rows); /* first row as a bias */
+    clh_tensor *ta = tu_put(ctx, 1, DIMS((int64_t)n_batch, (int64_t)len, (int64_t)dim), a);
+    clh_tensor *tb = tu_put(ctx, 6, DIMS((int64_t)n), b);
+    clh_tensor *tr = tu_put(ctx, 2, DIMS((int64_t)len, (int64_t)dim), rows);
+    clh_tensor *tbias = tu_put(ctx, 4, DIMS((int64_t)dim), rows); /* first row as a bias */
 
     for (size_t i = 0; i < n; i++)
         want[i] = a[i] + b[i];
@@ -545,8 +517,8 @@ static void test_adds(void **state) {
     TU_OK(clh_add_bias(ctx, ta, tbias));
     assert_tensor_close(ta, want, n, TOL, 1e-6);
 
-    clh_tensor *short_b = nan_tensor(ctx, DIMS((int64_t)n - 1));
-    clh_tensor *wrong_rows = nan_tensor(ctx, DIMS((int64_t)len - 1, (int64_t)dim));
+    clh_tensor *short_b = tu_nan_tensor(ctx, DIMS((int64_t)n - 1));
+    clh_tensor *wrong_rows = tu_nan_tensor(ctx, DIMS((int64_t)len - 1, (int64_t)dim));
     TU_FAILS(clh_add(ctx, ta, short_b, ta), CLH_ERR_SHAPE, "[104]");
     TU_FAILS(clh_add(ctx, tb, tb, short_b), CLH_ERR_SHAPE, "clh_add");
     TU_FAILS(clh_add_rows(ctx, ta, wrong_rows), CLH_ERR_SHAPE, "[6, 5]");
@@ -575,21 +547,22 @@ static void test_embedding_and_gather(void **state) {
     float *want = alloc_floats(n * dim);
     for (size_t i = 0; i < n; i++)
         memcpy(want + i * dim, table + (size_t)ids[i] * dim, dim * sizeof(float));
-    clh_tensor *tt = put(ctx, 3, DIMS((int64_t)vocab, (int64_t)dim), table);
-    clh_tensor *ty = nan_tensor(ctx, DIMS((int64_t)n, (int64_t)dim));
+    clh_tensor *tt = tu_put(ctx, 3, DIMS((int64_t)vocab, (int64_t)dim), table);
+    clh_tensor *ty = tu_nan_tensor(ctx, DIMS((int64_t)n, (int64_t)dim));
     TU_OK(clh_embedding(ctx, ids, n, tt, ty));
     assert_tensor_close(ty, want, n * dim, 0, 0);
 
     const int32_t bad_high[] = {1, 2, 3, 50}, bad_low[] = {-1};
     TU_FAILS(clh_embedding(ctx, bad_high, 4, tt, ty), CLH_ERR_SHAPE, "[7, 33]");
     TU_FAILS(clh_embedding(ctx, bad_high, 4, tt, ty), CLH_ERR_SHAPE, "[50, 33]");
-    clh_tensor *y4 = nan_tensor(ctx, DIMS(4, (int64_t)dim)), *y1 = nan_tensor(ctx, DIMS(1, 33));
+    clh_tensor *y4 = tu_nan_tensor(ctx, DIMS(4, (int64_t)dim)),
+               *y1 = tu_nan_tensor(ctx, DIMS(1, 33));
     TU_FAILS(clh_embedding(ctx, bad_high, 4, tt, y4), CLH_ERR_INVALID_ARGUMENT, "ids[3] = 50");
     TU_FAILS(clh_embedding(ctx, bad_low, 1, tt, y1), CLH_ERR_INVALID_ARGUMENT, "ids[0] = -1");
     TU_FAILS(clh_embedding(ctx, NULL, 1, tt, y1), CLH_ERR_INVALID_ARGUMENT, "NULL");
 
     /* gather from a [2, 25, 33] sequence tensor viewed as 50 rows */
-    clh_tensor *seq = put(ctx, 0, DIMS(2, 25, (int64_t)dim), table);
+    clh_tensor *seq = tu_put(ctx, 0, DIMS(2, 25, (int64_t)dim), table);
     const int32_t index[] = {49, 0, 25, 24};
     float *want_g = alloc_floats(4 * dim);
     for (size_t i = 0; i < 4; i++)
@@ -597,7 +570,7 @@ static void test_embedding_and_gather(void **state) {
     TU_OK(clh_gather_rows(ctx, seq, index, 4, y4));
     assert_tensor_close(y4, want_g, 4 * dim, 0, 0);
     const int32_t index_bad[] = {0, 50};
-    clh_tensor *y2 = nan_tensor(ctx, DIMS(2, (int64_t)dim));
+    clh_tensor *y2 = tu_nan_tensor(ctx, DIMS(2, (int64_t)dim));
     TU_FAILS(clh_gather_rows(ctx, seq, index_bad, 2, y2), CLH_ERR_INVALID_ARGUMENT,
              "index[1] = 50");
     TU_FAILS(clh_gather_rows(ctx, seq, index, 4, y2), CLH_ERR_SHAPE, "[2, 33]");
@@ -632,15 +605,16 @@ static void test_patch_embed(void **state) {
                                        img[((b * ch + c) * h + py * p + ky) * w + px * p + kx];
                     want[((b * gh + py) * gw + px) * d + o] = (float)acc;
                 }
-    clh_tensor *ti = put(ctx, 1, DIMS((int64_t)nb, (int64_t)ch, (int64_t)h, (int64_t)w), img);
-    clh_tensor *tw = put(ctx, 0, DIMS((int64_t)d, (int64_t)ch, (int64_t)p, (int64_t)p), wt);
-    clh_tensor *to = nan_tensor(ctx, DIMS((int64_t)nb, (int64_t)(gh * gw), (int64_t)d));
+    clh_tensor *ti = tu_put(ctx, 1, DIMS((int64_t)nb, (int64_t)ch, (int64_t)h, (int64_t)w), img);
+    clh_tensor *tw = tu_put(ctx, 0, DIMS((int64_t)d, (int64_t)ch, (int64_t)p, (int64_t)p), wt);
+    clh_tensor *to = tu_nan_tensor(ctx, DIMS((int64_t)nb, (int64_t)(gh * gw), (int64_t)d));
     TU_OK(clh_patch_embed(ctx, ti, tw, to));
     assert_tensor_close(to, want, nb * gh * gw * d, 0,
                         gemm_tol(ch * p * p, 1, img, nb * ch * h * w, wt, d * ch * p * p));
 
-    clh_tensor *w_c = nan_tensor(ctx, DIMS(7, 2, 5, 5)), *w_p = nan_tensor(ctx, DIMS(7, 3, 4, 4));
-    clh_tensor *o_bad = nan_tensor(ctx, DIMS(2, 5, 7));
+    clh_tensor *w_c = tu_nan_tensor(ctx, DIMS(7, 2, 5, 5)),
+               *w_p = tu_nan_tensor(ctx, DIMS(7, 3, 4, 4));
+    clh_tensor *o_bad = tu_nan_tensor(ctx, DIMS(2, 5, 7));
     TU_FAILS(clh_patch_embed(ctx, ti, w_c, to), CLH_ERR_SHAPE, "[7, 2, 5, 5]");
     TU_FAILS(clh_patch_embed(ctx, ti, w_p, to), CLH_ERR_SHAPE, "multiples of the patch size 4");
     TU_FAILS(clh_patch_embed(ctx, ti, tw, o_bad), CLH_ERR_SHAPE, "[2, 5, 7]");
@@ -719,8 +693,8 @@ static void test_bicubic(void **state) {
         if (k[1] == k[3] && k[2] == k[4]) /* same size: the identity */
             for (size_t i = 0; i < nin; i++)
                 assert_true(want[i] == x[i]);
-        clh_tensor *tx = put(ctx, 5, DIMS(k[0], k[1], k[2]), x);
-        clh_tensor *ty = nan_tensor(ctx, DIMS(k[0], k[3], k[4]));
+        clh_tensor *tx = tu_put(ctx, 5, DIMS(k[0], k[1], k[2]), x);
+        clh_tensor *ty = tu_nan_tensor(ctx, DIMS(k[0], k[3], k[4]));
         TU_OK(clh_bicubic_resize(ctx, tx, ty));
         assert_tensor_close(ty, want, nout, 1e-6, 0);
         clh_tensor_release(tx);
@@ -728,7 +702,7 @@ static void test_bicubic(void **state) {
         free(x);
         free(want);
     }
-    clh_tensor *x = nan_tensor(ctx, DIMS(3, 7, 7)), *y = nan_tensor(ctx, DIMS(2, 14, 14));
+    clh_tensor *x = tu_nan_tensor(ctx, DIMS(3, 7, 7)), *y = tu_nan_tensor(ctx, DIMS(2, 14, 14));
     TU_FAILS(clh_bicubic_resize(ctx, x, y), CLH_ERR_SHAPE, "[2, 14, 14]");
     TU_FAILS(clh_bicubic_resize(ctx, x, x), CLH_ERR_INVALID_ARGUMENT, "alias");
     clh_tensor_release(x);
@@ -739,7 +713,7 @@ static void test_bicubic(void **state) {
 
 static void test_null_arguments(void **state) {
     TU_CTX_OR_SKIP(ctx);
-    clh_tensor *x = nan_tensor(ctx, DIMS(2, 3));
+    clh_tensor *x = tu_nan_tensor(ctx, DIMS(2, 3));
     TU_FAILS(clh_gelu(NULL, x, x), CLH_ERR_INVALID_ARGUMENT, "NULL context");
     TU_FAILS(clh_add(ctx, x, NULL, x), CLH_ERR_INVALID_ARGUMENT, "tensor b is NULL");
     TU_FAILS(clh_softmax(ctx, NULL, 1, 0, x), CLH_ERR_INVALID_ARGUMENT, "clh_softmax");

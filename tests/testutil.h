@@ -154,4 +154,37 @@ static inline void tu_max_errors(const float *a, const float *b, size_t n, doubl
                      tu_e_, tu_tol_, tu_m_);                                                       \
     } while (0)
 
+/* Device tensor holding data (may be NULL: contents NaN); with offset > 0 it is a view that
+ * starts `offset` elements into a NaN-filled buffer, so kernels must honour element
+ * offsets and stay in bounds. */
+static inline clh_tensor *tu_put(clh_ctx *ctx, size_t offset, int ndim, const int64_t *shape,
+                                 const float *data) {
+    size_t numel = 1;
+    for (int i = 0; i < ndim; i++)
+        numel *= (size_t)shape[i];
+    int64_t base_shape[1] = {(int64_t)(offset + numel + 3)};
+    clh_tensor *base = NULL, *view = NULL;
+    TU_OK(clh_tensor_new(ctx, 1, base_shape, &base));
+    TU_OK(clh_tensor_fill(base, NAN));
+    TU_OK(clh_tensor_view(base, offset, ndim, shape, &view));
+    clh_tensor_release(base);
+    if (data)
+        TU_OK(clh_tensor_upload(view, data, numel));
+    return view;
+}
+
+/* Output tensor pre-filled with NaN, so an element a kernel skips shows up. */
+static inline clh_tensor *tu_nan_tensor(clh_ctx *ctx, int ndim, const int64_t *shape) {
+    return tu_put(ctx, 0, ndim, shape, NULL);
+}
+
+/* Host copy of a tensor (free() it). */
+static inline float *tu_fetch(const clh_tensor *t) {
+    size_t n = clh_tensor_numel(t);
+    float *x = calloc(n ? n : 1, sizeof *x);
+    assert_non_null(x);
+    TU_OK(clh_tensor_download(t, x, n));
+    return x;
+}
+
 #endif
