@@ -253,6 +253,13 @@ static clh_status check_image_request(clh_clip *m, const clh_tensor *pixels,
     return CLH_OK;
 }
 
+static int hooks_layer(const clh_image_request *req, int layer) {
+    for (int i = 0; i < req->n_hooks; i++)
+        if (req->hooks[i] == layer)
+            return 1;
+    return 0;
+}
+
 static clh_status save_hooks(clh_clip *m, const clh_image_request *req, int layer,
                              const clh_tensor *x, clh_image_outputs *out) {
     for (int i = 0; i < req->n_hooks; i++)
@@ -277,8 +284,8 @@ static clh_status encode_image_body(clh_clip *m, clip_scratch *s, const clh_tens
         if (l == layers - 1 && catseg) {
             CLH_TRY(clip_ws3(ctx, s, n, len, m->cfg.vision.hidden, &dense_x));
             CLH_TRY(run_dense_block(ctx, m->vis_layers, &m->cfg.vision, l, x, dense_x, tape));
-            if (!req->want_pooled && !req->n_hooks)
-                break;
+            if (!req->want_pooled && !hooks_layer(req, l))
+                break; /* the normal last block would only feed outputs nobody asked for */
         }
         CLH_TRY(run_block(ctx, m->vis_layers, &m->cfg.vision, l, x, 0, tape));
         CLH_TRY(save_hooks(m, req, l, x, out));

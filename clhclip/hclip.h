@@ -217,7 +217,8 @@ clh_status clh_hclip_update(clh_hclip *h);
 const clh_tensor *clh_hclip_blocks(const clh_hclip *h);
 
 /* Forward with the adapted weights. With train != 0 it keeps what clh_hclip_backward
- * needs (one pending forward per tower; a new training forward replaces the old one).
+ * needs; a new training forward (of any model on the context) replaces a pending one,
+ * both towers, and so do clh_hclip_update and loading a checkpoint.
  * Image and text are independent: pass pixels == NULL or n_text == 0 to skip a tower. */
 clh_status clh_hclip_forward(clh_hclip *h, int train, const clh_tensor *pixels,
                              const clh_image_request *request, clh_image_outputs *image,

@@ -1,6 +1,7 @@
 /* H-CLIP files: the folded export (plain CLIP weights with HF names) and training
  * checkpoints (trainable tensors + optimiser state + metadata, atomically written). */
 #include <errno.h>
+#include <math.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -162,7 +163,8 @@ static clh_status export_body(clh_hclip *h, clh_st_writer *w, const char *dir) {
         CLH_TRY(put_layer(h, w, "text_model.encoder.layers.", 0, l, &m->txt_layers[l]));
     CLH_TRY(clh_st_writer_set_metadata(w, "format", "pt"));
     char path[2048];
-    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (snprintf(path, sizeof path, "%s/model.safetensors", dir) >= (int)sizeof path)
+        return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT, "export directory name too long");
     CLH_TRY(clh_st_writer_save(w, path));
     char *json = config_json(&m->cfg);
     if (!json)
@@ -343,63 +345,90 @@ static clh_status check_identity(clh_hclip *h, const clh_st_file *f, const char 
     return st;
 }
 
-static clh_status check_entry(const clh_st_file *f, const char *path, const char *name,
-                              const clh_tensor *t) {
+/* ------------------------------------------------------------------ loading */
+
+/* A tensor of the checkpoint staged in host memory before anything on the device changes,
+ * with a backup of the device values it replaces. */
+typedef struct staged {
+    char name[64];
+    clh_tensor *dst;
+    float *data, *backup;
+    size_t n;
+} staged;
+
+typedef struct stage_list {
+    staged *items;
+    int n, cap;
+} stage_list;
+
+static void stage_free(stage_list *l) {
+    for (int i = 0; i < l->n; i++) {
+        free(l->items[i].data);
+        free(l->items[i].backup);
+    }
+    free(l->items);
+}
+
+static int is_float_dtype(clh_dtype d) {
+    return d == CLH_DTYPE_F32 || d == CLH_DTYPE_F16 || d == CLH_DTYPE_BF16 || d == CLH_DTYPE_F64;
+}
+
+/* Read `name` (a float tensor of exactly dst's shape, all values finite) into host memory. */
+static clh_status stage(stage_list *l, const clh_st_file *f, const char *path, const char *name,
+                        clh_tensor *dst) {
     clh_st_tensor_info info;
     if (clh_st_info(f, name, &info) != CLH_OK)
         return clh_fail(NULL, CLH_ERR_FORMAT, "checkpoint '%s' lacks tensor '%s'", path, name);
-    if (info.numel != clh_tensor_numel(t))
+    int same = is_float_dtype(info.dtype) && info.ndim == clh_tensor_ndim(dst);
+    for (int i = 0; same && i < info.ndim; i++)
+        same = info.shape[i] == clh_tensor_dim(dst, i);
+    if (!same) {
+        char got[128], want[128];
+        clh_shape_str(info.ndim, info.shape, got, sizeof got);
+        clh_shape_str(clh_tensor_ndim(dst), clh_tensor_shape(dst), want, sizeof want);
         return clh_fail(NULL, CLH_ERR_FORMAT,
-                        "checkpoint '%s': tensor '%s' has %zu values, expected %zu", path, name,
-                        info.numel, clh_tensor_numel(t));
-    return CLH_OK;
-}
-
-static clh_status read_into(const clh_st_file *f, const char *path, const char *name,
-                            clh_tensor *t) {
-    clh_st_tensor_info info;
-    CLH_TRY(check_entry(f, path, name, t));
-    CLH_TRY(clh_st_info(f, name, &info));
-    float *host = malloc((info.numel ? info.numel : 1) * sizeof *host);
-    if (!host)
-        return clh_fail(NULL, CLH_ERR_OUT_OF_MEMORY, "checkpoint: out of host memory");
-    clh_status st = clh_st_read_f32(f, name, host, info.numel);
-    if (st == CLH_OK)
-        st = clh_tensor_upload(t, host, info.numel);
-    free(host);
-    return st;
-}
-
-/* Counts and sizes were checked by validate(). */
-static clh_status load_optimizer(const clh_st_file *f, const char *path, clh_adamw *opt) {
-    uint64_t t;
-    CLH_TRY(meta_u64(f, path, "adamw_t", &t));
-    char name[64];
-    for (int i = 0; i < clh_adamw_num_params(opt); i++) {
-        clh_adamw_param *p = clh_adamw_param_at(opt, i);
-        snprintf(name, sizeof name, "adamw.m.%d", i);
-        CLH_TRY(read_into(f, path, name, p->m));
-        snprintf(name, sizeof name, "adamw.v.%d", i);
-        CLH_TRY(read_into(f, path, name, p->v));
+                        "checkpoint '%s': tensor '%s' is %s %s, expected a float tensor %s", path,
+                        name, clh_dtype_name(info.dtype), got, want);
     }
-    clh_adamw_set_steps(opt, (long)t);
+    if (l->n == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 8;
+        staged *items = realloc(l->items, (size_t)cap * sizeof *items);
+        if (!items)
+            return clh_fail(NULL, CLH_ERR_OUT_OF_MEMORY, "checkpoint: out of host memory");
+        l->items = items;
+        l->cap = cap;
+    }
+    staged *e = &l->items[l->n];
+    memset(e, 0, sizeof *e);
+    snprintf(e->name, sizeof e->name, "%s", name);
+    e->dst = dst;
+    e->n = info.numel;
+    e->data = malloc((e->n ? e->n : 1) * sizeof *e->data);
+    e->backup = malloc((e->n ? e->n : 1) * sizeof *e->backup);
+    l->n++; /* freed by stage_free even when reading fails */
+    if (!e->data || !e->backup)
+        return clh_fail(NULL, CLH_ERR_OUT_OF_MEMORY, "checkpoint: out of host memory");
+    CLH_TRY(clh_st_read_f32(f, name, e->data, e->n));
+    for (size_t i = 0; i < e->n; i++)
+        if (!isfinite(e->data[i]))
+            return clh_fail(NULL, CLH_ERR_FORMAT,
+                            "checkpoint '%s': tensor '%s' holds a non-finite value at %zu", path,
+                            name, i);
     return CLH_OK;
 }
 
-/* Everything is checked before anything is changed, so a bad file loses nothing. */
-static clh_status validate(clh_hclip *h, clh_adamw *opt, const clh_st_file *f, const char *path) {
-    CLH_TRY(check_identity(h, f, path));
+static clh_status stage_all(clh_hclip *h, clh_adamw *opt, const clh_st_file *f, const char *path,
+                            stage_list *l) {
     for (int i = 0; i < clh_hclip_num_params(h); i++) {
         const char *name;
         clh_tensor *p;
         CLH_TRY(clh_hclip_param(h, i, &name, &p, NULL));
-        CLH_TRY(check_entry(f, path, name, p));
+        CLH_TRY(stage(l, f, path, name, p));
     }
     if (!opt)
         return CLH_OK;
-    uint64_t n, t;
+    uint64_t n;
     CLH_TRY(meta_u64(f, path, "adamw_params", &n));
-    CLH_TRY(meta_u64(f, path, "adamw_t", &t));
     if ((int)n != clh_adamw_num_params(opt))
         return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT,
                         "checkpoint '%s' holds optimiser state for %d parameters, the optimiser "
@@ -408,40 +437,54 @@ static clh_status validate(clh_hclip *h, clh_adamw *opt, const clh_st_file *f, c
     char name[64];
     for (int i = 0; i < (int)n; i++) {
         snprintf(name, sizeof name, "adamw.m.%d", i);
-        CLH_TRY(check_entry(f, path, name, clh_adamw_param_at(opt, i)->m));
+        CLH_TRY(stage(l, f, path, name, clh_adamw_param_at(opt, i)->m));
         snprintf(name, sizeof name, "adamw.v.%d", i);
-        CLH_TRY(check_entry(f, path, name, clh_adamw_param_at(opt, i)->v));
+        CLH_TRY(stage(l, f, path, name, clh_adamw_param_at(opt, i)->v));
     }
     return CLH_OK;
 }
 
+/* Upload the staged values (or the backups) and rebuild the transforms. */
+static clh_status apply(clh_hclip *h, const stage_list *l, int backups) {
+    for (int i = 0; i < l->n; i++) {
+        const staged *e = &l->items[i];
+        CLH_TRY(clh_tensor_upload(e->dst, backups ? e->backup : e->data, e->n));
+    }
+    return clh_hclip_update(h);
+}
+
+/* Everything is read and checked before the device changes; a failure while applying
+ * restores the previous values, so a bad checkpoint loses nothing. */
 static clh_status load_body(clh_hclip *h, clh_adamw *opt, clh_train_state *state,
-                            const clh_st_file *f, const char *path) {
-    CLH_TRY(validate(h, opt, f, path));
-    if (state) {
-        uint64_t v;
-        CLH_TRY(meta_u64(f, path, "step", &v));
-        CLH_TRY(meta_u64(f, path, "rng_seed", &v));
-        CLH_TRY(meta_u64(f, path, "rng_counter", &v));
-    }
-    for (int i = 0; i < clh_hclip_num_params(h); i++) {
-        const char *name;
-        clh_tensor *p;
-        CLH_TRY(clh_hclip_param(h, i, &name, &p, NULL));
-        CLH_TRY(read_into(f, path, name, p));
-    }
+                            const clh_st_file *f, const char *path, stage_list *l) {
+    uint64_t t = 0, step = 0, seed = 0, counter = 0;
+    CLH_TRY(check_identity(h, f, path));
+    CLH_TRY(stage_all(h, opt, f, path, l));
     if (opt)
-        CLH_TRY(load_optimizer(f, path, opt));
+        CLH_TRY(meta_u64(f, path, "adamw_t", &t));
     if (state) {
-        uint64_t step, seed, counter;
         CLH_TRY(meta_u64(f, path, "step", &step));
         CLH_TRY(meta_u64(f, path, "rng_seed", &seed));
         CLH_TRY(meta_u64(f, path, "rng_counter", &counter));
+    }
+    for (int i = 0; i < l->n; i++)
+        CLH_TRY(clh_tensor_download(l->items[i].dst, l->items[i].backup, l->items[i].n));
+    clh_hclip_discard(h); /* saved activations would not match the new transforms */
+    clh_status st = apply(h, l, 0);
+    if (st != CLH_OK) {
+        char msg[4096];
+        snprintf(msg, sizeof msg, "%s", clh_last_error());
+        apply(h, l, 1);
+        return clh_fail(NULL, st, "%s (the previous values were restored)", msg);
+    }
+    if (opt)
+        clh_adamw_set_steps(opt, (long)t);
+    if (state) {
         state->step = (long)step;
         state->rng.seed = seed;
         state->rng.counter = counter;
     }
-    return clh_hclip_update(h);
+    return CLH_OK;
 }
 
 clh_status clh_hclip_load_checkpoint(clh_hclip *h, clh_adamw *opt, clh_train_state *state,
@@ -450,7 +493,9 @@ clh_status clh_hclip_load_checkpoint(clh_hclip *h, clh_adamw *opt, clh_train_sta
         return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT, "clh_hclip_load_checkpoint: NULL argument");
     clh_st_file *f;
     CLH_TRY(clh_st_open(path, &f));
-    clh_status st = load_body(h, opt, state, f, path);
+    stage_list staged_tensors = {0};
+    clh_status st = load_body(h, opt, state, f, path, &staged_tensors);
+    stage_free(&staged_tensors);
     clh_st_close(f);
     return st;
 }

@@ -181,7 +181,8 @@ static void free_tower(tower_adapters *tw) {
     for (int l = 0; tw->ad && l < tw->layers; l++)
         for (int t = 0; t < 4; t++) {
             clh_tensor_release((clh_tensor *)tw->ad[l].r[t]);
-            clh_tensor_release(tw->dblk[l][t]);
+            if (tw->dblk)
+                clh_tensor_release(tw->dblk[l][t]);
         }
     free(tw->ad);
     free(tw->dblk);
@@ -269,6 +270,8 @@ static clh_status update_tower(clh_hclip *h, const tower_adapters *tw) {
 }
 
 clh_status clh_hclip_update(clh_hclip *h) {
+    /* activations saved with the old transforms would give wrong gradients */
+    clh_hclip_discard(h);
     CLH_TRY(clh_dcrc_forward(h->ctx, &h->lay, h->p, h->opt.no_modality_map ? NULL : h->a,
                              h->opt.no_layer_map ? NULL : h->b, h->raw));
     CLH_TRY(update_tower(h, &h->tw[TEXT]));
@@ -689,7 +692,7 @@ clh_status clh_hclip_backward(clh_hclip *h, const clh_tensor *d_pooled, const cl
     if (!vt->pending && !tt->pending)
         return clh_fail(h->ctx, CLH_ERR_INVALID_ARGUMENT,
                         "clh_hclip_backward: no training forward is pending");
-    if ((d_text && !tt->pending) || ((d_pooled || d_dense) && !vt->pending))
+    if ((d_text && !tt->pending) || ((d_pooled || d_dense || d_hooks) && !vt->pending))
         return clh_fail(h->ctx, CLH_ERR_INVALID_ARGUMENT,
                         "clh_hclip_backward: a gradient was given for a tower the last training "
                         "forward did not run");

@@ -439,6 +439,43 @@ static void test_resume_is_bit_identical(void **state) {
     clh_clip_free(m);
 }
 
+/* Copy checkpoint src to dst with tensor `victim` reshaped flat (reshape) or with a NaN. */
+static void corrupt_checkpoint(const char *src, const char *dst, const char *victim, int reshape) {
+    static const char *keys[] = {"format", "version", "config", "base_hash"};
+    clh_st_file *f;
+    TU_OK(clh_st_open(src, &f));
+    clh_st_writer *w;
+    TU_OK(clh_st_writer_new(&w));
+    for (size_t i = 0; i < clh_st_count(f); i++) {
+        clh_st_tensor_info info;
+        TU_OK(clh_st_info_at(f, i, &info));
+        float *x = malloc(info.numel * sizeof *x);
+        TU_OK(clh_st_read_f32(f, info.name, x, info.numel));
+        int64_t flat[1] = {(int64_t)info.numel};
+        int hit = strcmp(info.name, victim) == 0;
+        if (hit && !reshape)
+            x[info.numel / 2] = NAN;
+        TU_OK(clh_st_writer_add_f32(w, info.name, hit && reshape ? 1 : info.ndim,
+                                    hit && reshape ? flat : info.shape, x));
+        free(x);
+    }
+    for (size_t k = 0; k < sizeof keys / sizeof *keys; k++)
+        TU_OK(clh_st_writer_set_metadata(w, keys[k], clh_st_metadata(f, keys[k])));
+    TU_OK(clh_st_writer_save(w, dst));
+    clh_st_writer_free(w);
+    clh_st_close(f);
+}
+
+static void assert_params_equal(clh_hclip *h, float **before) {
+    for (int i = 0; i < clh_hclip_num_params(h); i++) {
+        clh_tensor *p;
+        TU_OK(clh_hclip_param(h, i, NULL, &p, NULL));
+        float *now = download(p);
+        assert_memory_equal(now, before[i], clh_tensor_numel(p) * sizeof(float));
+        free(now);
+    }
+}
+
 static void test_checkpoint_errors(void **state) {
     TU_CTX_OR_SKIP(ctx);
     (void)ctx;
@@ -447,7 +484,9 @@ static void test_checkpoint_errors(void **state) {
     clh_hclip *h, *other;
     TU_OK(clh_hclip_new(m, &opt, &h));
     perturb(h, 0.1f, 5);
-    const char *path = tu_tmp_path("ckpt.safetensors");
+    char path[600], bad[600]; /* tu_tmp_path returns a static buffer: copy */
+    snprintf(path, sizeof path, "%s", tu_tmp_path("ckpt.safetensors"));
+    snprintf(bad, sizeof bad, "%s", tu_tmp_path("bad.safetensors"));
     TU_OK(clh_hclip_save_checkpoint(h, NULL, NULL, NULL, path));
     /* another adapter configuration */
     clh_hclip_options opt8 = {.block_size = 8};
@@ -462,18 +501,47 @@ static void test_checkpoint_errors(void **state) {
              "other base weights");
     clh_hclip_free(other);
     clh_clip_free(m2);
+    /* a wrong shape with the right element count, or a NaN, changes nothing */
+    float *before[3];
+    for (int i = 0; i < clh_hclip_num_params(h); i++) {
+        clh_tensor *p;
+        TU_OK(clh_hclip_param(h, i, NULL, &p, NULL));
+        before[i] = download(p);
+    }
+    clh_hclip *fresh;
+    TU_OK(clh_hclip_new(m, &opt, &fresh));
+    perturb(fresh, 0.3f, 6); /* different values, so a partial load would show */
+    float *fresh_before[3];
+    for (int i = 0; i < clh_hclip_num_params(fresh); i++) {
+        clh_tensor *p;
+        TU_OK(clh_hclip_param(fresh, i, NULL, &p, NULL));
+        fresh_before[i] = download(p);
+    }
+    corrupt_checkpoint(path, bad, "hclip.A", 1);
+    TU_FAILS(clh_hclip_load_checkpoint(fresh, NULL, NULL, bad), CLH_ERR_FORMAT, "hclip.A");
+    assert_params_equal(fresh, fresh_before);
+    corrupt_checkpoint(path, bad, "hclip.B", 0);
+    TU_FAILS(clh_hclip_load_checkpoint(fresh, NULL, NULL, bad), CLH_ERR_FORMAT, "non-finite");
+    assert_params_equal(fresh, fresh_before);
+    TU_OK(clh_hclip_load_checkpoint(fresh, NULL, NULL, path)); /* the good one loads */
+    assert_params_equal(fresh, before);
+    for (int i = 0; i < clh_hclip_num_params(h); i++) {
+        free(before[i]);
+        free(fresh_before[i]);
+    }
+    clh_hclip_free(fresh);
     /* a truncated file changes nothing */
     clh_tensor *p;
     TU_OK(clh_hclip_param(h, 0, NULL, &p, NULL));
-    float *before = download(p);
+    float *first = download(p);
     FILE *f = fopen(path, "r+b");
     assert_non_null(f);
     assert_int_equal(ftruncate(fileno(f), 100), 0);
     fclose(f);
     TU_FAILS(clh_hclip_load_checkpoint(h, NULL, NULL, path), CLH_ERR_FORMAT, path);
     float *after = download(p);
-    assert_memory_equal(before, after, clh_tensor_numel(p) * sizeof(float));
-    free(before);
+    assert_memory_equal(first, after, clh_tensor_numel(p) * sizeof(float));
+    free(first);
     free(after);
     TU_FAILS(clh_hclip_load_checkpoint(h, NULL, NULL, "/nonexistent/ckpt.safetensors"), CLH_ERR_IO,
              "/nonexistent/ckpt.safetensors");
