@@ -2320,6 +2320,12 @@ static int hclip_param_names(lua_State *L) {
     return 1;
 }
 
+/* Drop the activations a pending training forward keeps (hc:discard()). */
+static int hclip_discard(lua_State *L) {
+    clh_hclip_discard(check_hclip_box(L, 1)->h);
+    return 0;
+}
+
 static int hclip_zero_grad(lua_State *L) {
     CHECK(L, clh_hclip_zero_grad(check_hclip_box(L, 1)->h));
     return 0;
@@ -2828,6 +2834,7 @@ static const luaL_Reg hclip_methods[] = {
     {"parameters", hclip_parameters},
     {"param_names", hclip_param_names},
     {"zero_grad", hclip_zero_grad},
+    {"discard", hclip_discard},
     {"update", hclip_update},
     {"forward", hclip_forward},
     {"backward", hclip_backward},

@@ -146,6 +146,9 @@ function HCLIP:updateOutput(input)
     end
     local topts = {train = self.train}
     for k, v in pairs(self.text_options) do topts[k] = v end
+    if self.pending and not self.train then
+        self.hclip:discard() -- an evaluation forward makes the pending backward impossible
+    end
     self.pending = false
     self.output = self.hclip:forward(input.pixels, input.request or self.request, input.texts,
                                      topts)
@@ -239,6 +242,7 @@ end
 
 function HCLIP:clearState()
     Module.clearState(self)
+    if self.pending then self.hclip:discard() end -- give the saved activations back
     self.pending = false
     return self
 end
