@@ -4,10 +4,10 @@
 
 BUILD ?= build
 CC ?= cc
-PKGS := OpenCL clblast libutf8proc libcjson zlib
+PKGS := OpenCL clblast openblas libutf8proc libcjson zlib
 DEB_PACKAGES := ocl-icd-opencl-dev pocl-opencl-icd libclblast-dev liblua5.4-dev lua5.4 \
-                libstb-dev libcmocka-dev libutf8proc-dev libcjson-dev zlib1g-dev pkg-config \
-                make gcc
+                libstb-dev libcmocka-dev libutf8proc-dev libcjson-dev zlib1g-dev libopenblas-dev \
+                pkg-config make gcc
 
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)

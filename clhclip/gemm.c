@@ -1,5 +1,8 @@
-/* Matrix products through CLBlast's C API (row-major, single precision). */
+/* Matrix products (row-major, single precision) through CLBlast's C API, or through the
+ * host BLAS on mapped buffers where that is faster (gemm_host.c decides). */
 #include "internal.h" /* first: it sets CL_TARGET_OPENCL_VERSION for clblast_c.h */
+
+#include "gemm_host.h"
 
 #include <clblast_c.h>
 #include <stdio.h>
@@ -208,6 +211,11 @@ clh_status clh_gemm(clh_ctx *ctx, int trans_a, int trans_b, size_t m, size_t n, 
                        1, &skip));
     if (skip)
         return CLH_OK;
+    clh_gemm_path path;
+    CLH_TRY(clh_gemm_resolve_path(ctx, &path));
+    if (path == CLH_GEMM_HOST)
+        return clh_gemm_host(ctx, "clh_gemm", trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb,
+                             0, beta, c, ldc, 0, 1);
     cl_event ev = NULL;
     CLBlastStatusCode st =
         CLBlastSgemm(CLBlastLayoutRowMajor, transpose_of(trans_a), transpose_of(trans_b), m, n, k,
@@ -232,6 +240,11 @@ clh_status clh_gemm_batched(clh_ctx *ctx, int trans_a, int trans_b, size_t m, si
      * kernels (seconds on PoCL) for nothing. */
     if (batch == 1)
         return clh_gemm(ctx, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    clh_gemm_path path;
+    CLH_TRY(clh_gemm_resolve_path(ctx, &path));
+    if (path == CLH_GEMM_HOST)
+        return clh_gemm_host(ctx, "clh_gemm_batched", trans_a, trans_b, m, n, k, alpha, a, lda,
+                             stride_a, b, ldb, stride_b, beta, c, ldc, stride_c, batch);
     cl_event ev = NULL;
     CLBlastStatusCode st = CLBlastSgemmStridedBatched(
         CLBlastLayoutRowMajor, transpose_of(trans_a), transpose_of(trans_b), m, n, k, alpha, a->mem,

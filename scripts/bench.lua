@@ -1,0 +1,242 @@
+-- Benchmarks of clhclip at the CLIP encoders' shapes, through the public Lua API.
+--   lua5.4 scripts/bench.lua --what gemm,attention --runs 5 --json /tmp/clh.json
+--   lua5.4 scripts/bench.lua --what all --model /tmp/vitb16
+-- Each figure: a warm-up (its first call, which includes kernel compilation, is reported
+-- separately with the clBuildProgram seconds it added), then --runs timed calls, printed
+-- as median and min/max. Every timing waits for the device. The GEMM path follows
+-- $CLHCLIP_GEMM (clblast|host|auto). tests/reference/bench_torch.py runs the same shapes
+-- in PyTorch and prints the side-by-side table from both JSON files (docs/benchmarks.md).
+local paths = dofile((arg[0]:match("^(.*)/") or ".") .. "/lib_path.lua")
+local argparse = require "clhclip.argparse"
+
+local ALL = {"gemm", "attention", "vit224", "vit384", "text"}
+local parser = argparse.new("scripts/bench.lua", "Benchmarks at the CLIP encoders' shapes.")
+parser:option("--what", {metavar = "LIST", default = "gemm,attention",
+              help = "comma list of " .. table.concat(ALL, ",") .. " or all"})
+parser:option("--runs", {type = "integer", default = 5, help = "timed runs per figure"})
+parser:option("--warmup", {type = "integer", default = 1,
+              help = "untimed calls per figure (at least 1: the first call is the JIT one)"})
+parser:option("--json", {metavar = "FILE", help = "also write the results as JSON"})
+parser:option("--model", {metavar = "DIR",
+              help = "ViT-B/16-shaped CLIP model for vit224/vit384/text (random weights are " ..
+                  "fine: python3 tests/reference/make_clip_fixtures.py --config vitb16_384 " ..
+                  "--out /tmp/vitb16)"})
+parser:option("--prompts", {type = "integer", default = 171, help = "prompts for the text figure"})
+parser:option("--platform", {metavar = "P", help = "OpenCL platform index or name substring"})
+parser:option("--device", {metavar = "D", help = "OpenCL device index or name substring"})
+
+-- GEMM figures, C[M,N] = A[M,K] * W[N,K]^T (a linear layer; names are M x K x N).
+local GEMMS = {
+    {name = "gemm 577x768x768 (ViT-B/16 384 qkv/out proj)", m = 577, k = 768, n = 768},
+    {name = "gemm 577x768x3072 (ViT-B/16 384 MLP fc1)", m = 577, k = 768, n = 3072},
+    {name = "gemm 13167x512x512 (text, 171 prompts x 77)", m = 13167, k = 512, n = 512},
+}
+
+local function median(xs)
+    local s = {}
+    for i, v in ipairs(xs) do s[i] = v end
+    table.sort(s)
+    local n = #s
+    return n % 2 == 1 and s[(n + 1) // 2] or (s[n // 2] + s[n // 2 + 1]) / 2, s[1], s[n]
+end
+
+-- Runs fn (which must wait for the device) warmup + runs times.
+local function measure(ctx, clh, opts, fn)
+    local b0, t0 = ctx:build_seconds(), clh.now()
+    fn()
+    local first = clh.now() - t0
+    local build = ctx:build_seconds() - b0
+    for _ = 2, opts.warmup do fn() end
+    local times = {}
+    for i = 1, opts.runs do
+        local t = clh.now()
+        fn()
+        times[i] = clh.now() - t
+    end
+    local med, lo, hi = median(times)
+    return {first_s = first, build_s = build, median_s = med, min_s = lo, max_s = hi,
+            runs = opts.runs, peak_device_bytes = ctx:peak_device_bytes()}
+end
+
+local function report(r)
+    local extra = r.gflops and string.format("  %.1f GFLOP/s", r.gflops) or ""
+    print(string.format("%-48s median %9.3f ms (min %9.3f, max %9.3f)%s", r.name,
+                        r.median_s * 1e3, r.min_s * 1e3, r.max_s * 1e3, extra))
+    print(string.format("%-48s first call %.3f s, of which clBuildProgram %.3f s; peak device " ..
+                            "memory so far %.1f MiB", "", r.first_s, r.build_s,
+                        r.peak_device_bytes / 2 ^ 20))
+end
+
+local function bench_gemm(ctx, clh, opts, out)
+    for _, g in ipairs(GEMMS) do
+        clh.manual_seed(1)
+        local a, w = clh.randn({g.m, g.k}, 1, ctx), clh.randn({g.n, g.k}, 0.02, ctx)
+        local r = measure(ctx, clh, opts, function()
+            local c = clh.matmul(a, w, {trans_b = true})
+            ctx:finish()
+            c:free()
+        end)
+        r.id, r.name, r.m, r.n, r.k = string.format("gemm_%dx%dx%d", g.m, g.k, g.n), g.name, g.m,
+                                      g.n, g.k
+        r.gflops = 2 * g.m * g.n * g.k / r.median_s / 1e9
+        out[#out + 1] = r
+        report(r)
+        a:free()
+        w:free()
+    end
+end
+
+-- Attention core of one ViT-B/16 layer at 384x384: 12 heads, 577 tokens, head dim 64, as
+-- the public ops compose it per head: softmax(q k^T / 8) v.
+local function bench_attention(ctx, clh, opts, out)
+    local heads, len, hd = 12, 577, 64
+    clh.manual_seed(2)
+    local q, k, v = clh.randn({heads * len, hd}, 1, ctx), clh.randn({heads * len, hd}, 1, ctx),
+                    clh.randn({heads * len, hd}, 1, ctx)
+    local qh, kh, vh = {}, {}, {}
+    for h = 1, heads do
+        local off = (h - 1) * len * hd
+        qh[h], kh[h], vh[h] = q:view({len, hd}, off), k:view({len, hd}, off), v:view({len, hd}, off)
+    end
+    local r = measure(ctx, clh, opts, function()
+        for h = 1, heads do
+            local s = clh.matmul(qh[h], kh[h], {trans_b = true})
+            local p = clh.softmax(s, 1 / math.sqrt(hd))
+            local o = clh.matmul(p, vh[h])
+            s:free()
+            p:free()
+            o:free()
+        end
+        ctx:finish()
+    end)
+    r.id = "attention384"
+    r.name = "attention ViT-B/16 384 (12 heads x 577, per head)"
+    out[#out + 1] = r
+    report(r)
+end
+
+local function bench_vit(ctx, clh, opts, out, model, size)
+    local px = clh.tensor({1, 3, size, size}, 0.1, ctx)
+    local r = measure(ctx, clh, opts, function()
+        local o = model:encode_image(px, {pooled = true, dense = true})
+        o.dense:totable() -- waits for the device
+        o.dense:free()
+        o.pooled:free()
+    end)
+    r.id = "vit" .. size
+    r.name = string.format("vit%d ViT-B/16 image encoder %dx%d (pooled+dense)", size, size, size)
+    out[#out + 1] = r
+    report(r)
+    px:free()
+end
+
+local function bench_text(ctx, clh, opts, out, model)
+    -- Fixed pseudo-random prompts of 6-20 tokens, each padded with 0 to the full context
+    -- of 77 as the tokenizer does, so every prompt costs 77 positions (171 x 77 = 13167 rows).
+    local ids, seed = {}, 12345
+    for i = 1, opts.prompts do
+        local row = {49406}
+        seed = (seed * 1103515245 + 12345) % 2147483648
+        for _ = 1, 6 + seed % 15 do
+            seed = (seed * 1103515245 + 12345) % 2147483648
+            row[#row + 1] = 1000 + seed % 40000
+        end
+        row[#row + 1] = 49407
+        while #row < 77 do row[#row + 1] = 0 end
+        ids[i] = row
+    end
+    local r = measure(ctx, clh, opts, function()
+        local t = model:encode_text(ids)
+        t:totable()
+        t:free()
+    end)
+    r.id = "text"
+    r.name = string.format("text encoder, %d prompts", opts.prompts)
+    out[#out + 1] = r
+    report(r)
+end
+
+local ARRAY = {} -- metatable marking a table that is written as a JSON array even when empty
+
+local function json_value(v)
+    if type(v) == "string" then
+        return '"' .. v:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end) ..
+                   '"'
+    elseif math.type(v) == "integer" then
+        return tostring(v)
+    elseif type(v) == "number" then
+        return string.format("%.9g", v)
+    elseif type(v) == "table" then
+        local parts = {}
+        if #v > 0 or getmetatable(v) == ARRAY then
+            for _, x in ipairs(v) do parts[#parts + 1] = json_value(x) end
+            return "[" .. table.concat(parts, ", ") .. "]"
+        end
+        local keys = {}
+        for key in pairs(v) do keys[#keys + 1] = key end
+        table.sort(keys)
+        for _, key in ipairs(keys) do parts[#parts + 1] = json_value(key) .. ": " .. json_value(v[key]) end
+        return "{" .. table.concat(parts, ", ") .. "}"
+    end
+    return tostring(v)
+end
+
+argparse.main(function()
+    local opts = parser:parse(arg)
+    if opts.runs < 1 then error("--runs must be at least 1", 0) end
+    if opts.warmup < 1 then error("--warmup must be at least 1", 0) end
+    local want = {}
+    for item in opts.what:gmatch("[^,%s]+") do
+        if item == "all" then
+            for _, w in ipairs(ALL) do want[w] = true end
+        else
+            local known = false
+            for _, w in ipairs(ALL) do known = known or w == item end
+            if not known then
+                error(string.format("--what: unknown item '%s' (known: %s, all)", item,
+                                    table.concat(ALL, ",")), 0)
+            end
+            want[item] = true
+        end
+    end
+    local clh = paths.clhclip()
+    local ctx = clh.init {platform = opts.platform, device = opts.device}
+    local dev = ctx:device()
+    local gemm_path = os.getenv("CLHCLIP_GEMM") or "auto"
+    print(string.format("device: %s (%s, %s, %d compute units); GEMM path: CLHCLIP_GEMM=%s",
+                        dev.name, dev.type, dev.driver, dev.compute_units, gemm_path))
+    print(string.format("runs %d after %d warm-up call(s); times wait for the device",
+                        opts.runs, opts.warmup))
+    local out = {}
+    if want.gemm then bench_gemm(ctx, clh, opts, out) end
+    if want.attention then bench_attention(ctx, clh, opts, out) end
+    if want.vit224 or want.vit384 or want.text then
+        if not opts.model then
+            print("SKIP vit224/vit384/text: no --model DIR given (make a random ViT-B/16 one " ..
+                      "with: python3 tests/reference/make_clip_fixtures.py --config vitb16_384 " ..
+                      "--out /tmp/vitb16)")
+        else
+            local t0 = clh.now()
+            local model = clh.load_clip(opts.model, ctx)
+            print(string.format("loaded %s in %.2f s", opts.model, clh.now() - t0))
+            if want.vit224 then bench_vit(ctx, clh, opts, out, model, 224) end
+            if want.vit384 then bench_vit(ctx, clh, opts, out, model, 384) end
+            if want.text then bench_text(ctx, clh, opts, out, model) end
+            model:free()
+        end
+    end
+    print(string.format("clBuildProgram total %.3f s; peak device memory %.1f MiB",
+                        ctx:build_seconds(), ctx:peak_device_bytes() / 2 ^ 20))
+    if opts.json then
+        local results = setmetatable({}, ARRAY)
+        for _, r in ipairs(out) do results[#results + 1] = r end
+        local doc = {device = dev.name, device_type = dev.type, driver = dev.driver,
+                     gemm_path = gemm_path, runs = opts.runs, warmup = opts.warmup,
+                     build_seconds = ctx:build_seconds(),
+                     peak_device_bytes = ctx:peak_device_bytes(), results = results}
+        local f = assert(io.open(opts.json, "w"))
+        f:write(json_value(doc), "\n")
+        f:close()
+        print("wrote " .. opts.json)
+    end
+end)
