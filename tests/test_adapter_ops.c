@@ -14,41 +14,16 @@
 
 /* ------------------------------------------------------------------ helpers */
 
-static float *alloc_floats(size_t n) {
-    float *x = calloc(n ? n : 1, sizeof *x);
-    assert_non_null(x);
-    return x;
-}
-
-static double *alloc_doubles(size_t n) {
-    double *x = calloc(n ? n : 1, sizeof *x);
-    assert_non_null(x);
-    return x;
-}
-
-static float *random_floats(size_t n, float lo, float hi, uint32_t seed) {
-    float *x = alloc_floats(n);
-    tu_fill_random(x, n, lo, hi, seed);
-    return x;
-}
-
 /* N(0, std) by Box-Muller on the deterministic uniforms of testutil.h. */
 static float *normal_floats(size_t n, float std, uint32_t seed) {
-    float *u = random_floats(2 * n, 0.0f, 1.0f, seed);
-    float *x = alloc_floats(n);
+    float *u = tu_random_floats(2 * n, 0.0f, 1.0f, seed);
+    float *x = tu_alloc_floats(n);
     for (size_t i = 0; i < n; i++) {
         double r = sqrt(-2.0 * log(1.0 - (double)u[2 * i]));
         x[i] = (float)(std * r * cos(2.0 * M_PI * (double)u[2 * i + 1]));
     }
     free(u);
     return x;
-}
-
-static double *to_double(const float *x, size_t n) {
-    double *d = alloc_doubles(n);
-    for (size_t i = 0; i < n; i++)
-        d[i] = x[i];
-    return d;
 }
 
 /* max |got - want| / max |want| */
@@ -179,13 +154,14 @@ static void check_bd_forward(clh_ctx *ctx, int ndim, const int64_t *xshape, size
     for (int i = 0; i < ndim; i++)
         numel *= (size_t)xshape[i];
     size_t rows = numel / d;
-    float *x = random_floats(numel, -1, 1, seed), *blk = random_floats(nb * q * q, -1, 1, seed + 1);
+    float *x = tu_random_floats(numel, -1, 1, seed),
+          *blk = tu_random_floats(nb * q * q, -1, 1, seed + 1);
     clh_tensor *tx = tu_put(ctx, offset, ndim, xshape, x);
     clh_tensor *tb = tu_put(ctx, 0, 3, SHAPE((int64_t)nb, (int64_t)q, (int64_t)q), blk);
     clh_tensor *ty = tu_put(ctx, offset + 1, ndim, xshape, NULL);
     TU_OK(clh_blockdiag_forward(ctx, tx, tb, ty));
-    double *xd = to_double(x, numel), *bd = to_double(blk, nb * q * q),
-           *want = alloc_doubles(numel);
+    double *xd = tu_to_double(x, numel), *bd = tu_to_double(blk, nb * q * q),
+           *want = tu_alloc_doubles(numel);
     ref_bd_forward(xd, bd, rows, nb, q, want);
     expect_close("blockdiag forward", ty, want, numel, DEV_TOL);
     clh_tensor_release(tx);
@@ -216,7 +192,7 @@ typedef struct bd_fd {
 static double bd_loss(const double *v, void *data) {
     bd_fd *p = data;
     size_t n = p->rows * p->nb * p->q;
-    double *y = alloc_doubles(n);
+    double *y = tu_alloc_doubles(n);
     ref_bd_forward(p->wrt_x ? v : p->x, p->wrt_x ? p->blocks : v, p->rows, p->nb, p->q, y);
     double l = dot_d(y, p->g, n);
     free(y);
@@ -227,15 +203,15 @@ static void test_blockdiag_backward(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
     const size_t rows = 5, nb = 3, q = 4, d = nb * q, nx = rows * d, nbq = nb * q * q;
-    float *x = random_floats(nx, -1, 1, 10), *blk = random_floats(nbq, -1, 1, 11);
-    float *dy = random_floats(nx, -1, 1, 12), *db0 = random_floats(nbq, -1, 1, 13);
-    double *xd = to_double(x, nx), *bd = to_double(blk, nbq), *dyd = to_double(dy, nx);
-    double *dx_ref = alloc_doubles(nx), *db_ref = to_double(db0, nbq);
+    float *x = tu_random_floats(nx, -1, 1, 10), *blk = tu_random_floats(nbq, -1, 1, 11);
+    float *dy = tu_random_floats(nx, -1, 1, 12), *db0 = tu_random_floats(nbq, -1, 1, 13);
+    double *xd = tu_to_double(x, nx), *bd = tu_to_double(blk, nbq), *dyd = tu_to_double(dy, nx);
+    double *dx_ref = tu_alloc_doubles(nx), *db_ref = tu_to_double(db0, nbq);
     ref_bd_backward(xd, bd, dyd, rows, nb, q, dx_ref, db_ref);
 
     /* reference backward vs finite differences (dblocks from a zero start) */
-    double *db_zero = alloc_doubles(nbq), *num = alloc_doubles(nx > nbq ? nx : nbq);
-    double *dx_tmp = alloc_doubles(nx);
+    double *db_zero = tu_alloc_doubles(nbq), *num = tu_alloc_doubles(nx > nbq ? nx : nbq);
+    double *dx_tmp = tu_alloc_doubles(nx);
     ref_bd_backward(xd, bd, dyd, rows, nb, q, dx_tmp, db_zero);
     bd_fd p = {xd, bd, dyd, rows, nb, q, 1};
     numeric_grad(bd_loss, xd, nx, &p, num);
@@ -272,9 +248,10 @@ static void test_blockdiag_fold(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
     const size_t nb = 3, q = 4, d = nb * q, nbq = nb * q * q;
-    float *w = random_floats(d * d, -1, 1, 20), *blk = random_floats(nbq, -1, 1, 21);
-    double *wd = to_double(w, d * d), *bdense = alloc_doubles(d * d), *want = alloc_doubles(d * d);
-    double *blkd = to_double(blk, nbq);
+    float *w = tu_random_floats(d * d, -1, 1, 20), *blk = tu_random_floats(nbq, -1, 1, 21);
+    double *wd = tu_to_double(w, d * d), *bdense = tu_alloc_doubles(d * d),
+           *want = tu_alloc_doubles(d * d);
+    double *blkd = tu_to_double(blk, nbq);
     ref_bd_dense(blkd, nb, q, bdense);
     clh_tensor *tw = tu_put(ctx, 1, 2, SHAPE(d, d), w);
     clh_tensor *tb = tu_put(ctx, 2, 3, SHAPE(nb, q, q), blk);
@@ -288,7 +265,7 @@ static void test_blockdiag_fold(void **state) {
 
     /* the input-side fold is what the forward applies: x (w BD)^T = (x BD^T) w^T */
     const size_t rows = 3;
-    float *x = random_floats(rows * d, -1, 1, 22);
+    float *x = tu_random_floats(rows * d, -1, 1, 22);
     clh_tensor *tx = tu_put(ctx, 0, 2, SHAPE(rows, d), x);
     clh_tensor *txr = tu_put(ctx, 0, 2, SHAPE(rows, d), NULL);
     clh_tensor *y1 = tu_put(ctx, 0, 2, SHAPE(rows, d), NULL);
@@ -346,7 +323,7 @@ static void test_blockdiag_errors(void **state) {
 
 /* Gauss-Jordan with partial pivoting in double; returns 0 when singular. */
 static int ref_inverse(const double *a, double *inv, size_t m) {
-    double *w = alloc_doubles(m * m);
+    double *w = tu_alloc_doubles(m * m);
     memcpy(w, a, m * m * sizeof *w);
     for (size_t i = 0; i < m * m; i++)
         inv[i] = i / m == i % m;
@@ -395,7 +372,8 @@ static void ref_transpose(const double *a, size_t m, double *t) {
 
 /* One block: S = (raw - raw^T)/2, X = (I + S)^-1, R = (I - S) X. */
 static void ref_cayley_one(const double *raw, size_t m, double *r, double *x_out) {
-    double *a = alloc_doubles(m * m), *ims = alloc_doubles(m * m), *x = alloc_doubles(m * m);
+    double *a = tu_alloc_doubles(m * m), *ims = tu_alloc_doubles(m * m),
+           *x = tu_alloc_doubles(m * m);
     for (size_t i = 0; i < m; i++)
         for (size_t j = 0; j < m; j++) {
             double s = 0.5 * (raw[i * m + j] - raw[j * m + i]);
@@ -421,9 +399,9 @@ static void ref_cayley(const double *raw, size_t n, size_t m, double *r) {
 static void ref_cayley_backward(const double *raw, const double *dr, size_t n, size_t m,
                                 double *draw) {
     size_t mm = m * m;
-    double *r = alloc_doubles(mm), *x = alloc_doubles(mm), *xt = alloc_doubles(mm);
-    double *imst = alloc_doubles(mm), *dx = alloc_doubles(mm), *t = alloc_doubles(mm);
-    double *ds = alloc_doubles(mm), *da = alloc_doubles(mm);
+    double *r = tu_alloc_doubles(mm), *x = tu_alloc_doubles(mm), *xt = tu_alloc_doubles(mm);
+    double *imst = tu_alloc_doubles(mm), *dx = tu_alloc_doubles(mm), *t = tu_alloc_doubles(mm);
+    double *ds = tu_alloc_doubles(mm), *da = tu_alloc_doubles(mm);
     for (size_t b = 0; b < n; b++) {
         const double *rb = raw + b * mm, *drb = dr + b * mm;
         ref_cayley_one(rb, m, r, x);
@@ -457,7 +435,7 @@ static void set_local_mem(clh_ctx *ctx, unsigned long long bytes) {
 /* Inverse of n random matrices (I * diag + uniform noise) on both variants. */
 static void check_inverse(clh_ctx *ctx, size_t n, size_t m, const float *a, const char *what) {
     size_t total = n * m * m;
-    double *ad = to_double(a, total), *want = alloc_doubles(total);
+    double *ad = tu_to_double(a, total), *want = tu_alloc_doubles(total);
     for (size_t b = 0; b < n; b++)
         assert_true(ref_inverse(ad + b * m * m, want + b * m * m, m));
     clh_tensor *ta = tu_put(ctx, 3, 3, SHAPE(n, m, m), a);
@@ -590,8 +568,8 @@ static void test_cayley_forward(void **state) {
     for (int c = 0; c < 2; c++) {
         size_t n = sizes[c][0], m = sizes[c][1], total = n * m * m;
         float *raw = normal_floats(total, 0.7f, 40 + (uint32_t)c);
-        double *rawd = to_double(raw, total), *want = alloc_doubles(total);
-        double *want_inv = alloc_doubles(total), *r1 = alloc_doubles(m * m);
+        double *rawd = tu_to_double(raw, total), *want = tu_alloc_doubles(total);
+        double *want_inv = tu_alloc_doubles(total), *r1 = tu_alloc_doubles(m * m);
         ref_cayley(rawd, n, m, want);
         for (size_t b = 0; b < n; b++)
             ref_cayley_one(rawd + b * m * m, m, r1, want_inv + b * m * m);
@@ -622,7 +600,7 @@ static void test_cayley_identity(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
     const size_t n = 2, m = 8, total = n * m * m;
-    float *raw = random_floats(total, -1, 1, 45);
+    float *raw = tu_random_floats(total, -1, 1, 45);
     for (size_t b = 0; b < n; b++)
         for (size_t i = 0; i < m; i++)
             for (size_t j = 0; j < i; j++)
@@ -670,7 +648,7 @@ static void test_cayley_orthogonality_128(void **state) {
         float *r = tu_fetch(tr);
         double e = orthogonality_error(r, n, m);
         /* against the double reference for one block */
-        double *rawd = to_double(raw, m * m), *want = alloc_doubles(m * m);
+        double *rawd = tu_to_double(raw, m * m), *want = tu_alloc_doubles(m * m);
         ref_cayley(rawd, 1, m, want);
         double rel = rel_err(r, want, m * m);
         print_message("Cayley q=128, raw ~ N(0, %.1f): |R^T R - I|max = %.2e, rel err vs double "
@@ -697,7 +675,7 @@ typedef struct cayley_fd {
 static double cayley_loss(const double *raw, void *data) {
     cayley_fd *p = data;
     size_t total = p->n * p->m * p->m;
-    double *r = alloc_doubles(total);
+    double *r = tu_alloc_doubles(total);
     ref_cayley(raw, p->n, p->m, r);
     double l = dot_d(r, p->g, total);
     free(r);
@@ -711,9 +689,9 @@ static void test_cayley_backward(void **state) {
     for (int c = 0; c < 2; c++) {
         size_t n = sizes[c][0], m = sizes[c][1], total = n * m * m;
         float *raw = normal_floats(total, 0.7f, 60 + (uint32_t)c);
-        float *dr = random_floats(total, -1, 1, 62 + (uint32_t)c);
-        double *rawd = to_double(raw, total), *drd = to_double(dr, total);
-        double *want = alloc_doubles(total), *num = alloc_doubles(total);
+        float *dr = tu_random_floats(total, -1, 1, 62 + (uint32_t)c);
+        double *rawd = tu_to_double(raw, total), *drd = tu_to_double(dr, total);
+        double *want = tu_alloc_doubles(total), *num = tu_alloc_doubles(total);
         ref_cayley_backward(rawd, drd, n, m, want);
         cayley_fd p = {drd, n, m};
         numeric_grad(cayley_loss, rawd, total, &p, num);
@@ -796,7 +774,7 @@ static size_t raw_index(const dcrc_sizes *s, int e, size_t l, size_t t, size_t j
 static void ref_dcrc_forward(const dcrc_sizes *s, const double *p, const double *a, const double *b,
                              double *raw) {
     size_t q2 = s->q * s->q, sm = s->slots * s->mods;
-    double *u = alloc_doubles(q2 * sm);
+    double *u = tu_alloc_doubles(q2 * sm);
     for (int e = 0; e < 2; e++) {
         size_t layers = e == 0 ? s->lt : s->lv, nb = e == 0 ? s->bt : s->bv;
         for (size_t l = 0; l < layers; l++) {
@@ -887,9 +865,9 @@ static void dcrc_case_init(clh_ctx *ctx, dcrc_case *c, uint32_t seed) {
     c->na = s->layers * s->mods * s->mods;
     c->nb_ = s->slots * s->slots;
     c->nraw = s->blocks * s->q * s->q;
-    c->p = random_floats(c->np, -1, 1, seed);
-    c->a = random_floats(c->na, -1, 1, seed + 1);
-    c->b = random_floats(c->nb_, -1, 1, seed + 2);
+    c->p = tu_random_floats(c->np, -1, 1, seed);
+    c->a = tu_random_floats(c->na, -1, 1, seed + 1);
+    c->b = tu_random_floats(c->nb_, -1, 1, seed + 2);
     c->tp = tu_put(ctx, 1, 4, SHAPE(s->q, s->q, s->slots, s->mods), c->p);
     c->ta = tu_put(ctx, 2, 3, SHAPE(s->layers, s->mods, s->mods), c->a);
     c->tb = tu_put(ctx, 3, 2, SHAPE(s->slots, s->slots), c->b);
@@ -915,7 +893,7 @@ static void test_dcrc_identity(void **state) {
     dcrc_case_init(ctx, &c, 70);
     const dcrc_sizes *s = &c.s;
     size_t q2 = s->q * s->q, sm = s->slots * s->mods;
-    float *eye_a = alloc_floats(c.na), *eye_b = alloc_floats(c.nb_);
+    float *eye_a = tu_alloc_floats(c.na), *eye_b = tu_alloc_floats(c.nb_);
     for (size_t l = 0; l < s->layers; l++)
         for (size_t m = 0; m < s->mods; m++)
             eye_a[(l * s->mods + m) * s->mods + m] = 1.0f;
@@ -923,7 +901,7 @@ static void test_dcrc_identity(void **state) {
         eye_b[i * s->slots + i] = 1.0f;
     TU_OK(clh_tensor_upload(c.ta, eye_a, c.na));
     TU_OK(clh_tensor_upload(c.tb, eye_b, c.nb_));
-    double *want = alloc_doubles(c.nraw);
+    double *want = tu_alloc_doubles(c.nraw);
     for (int e = 0; e < 2; e++)
         for (size_t l = 0; l < (e ? s->lv : s->lt); l++)
             for (size_t t = 0; t < 4; t++)
@@ -937,7 +915,7 @@ static void test_dcrc_identity(void **state) {
     expect_close("dcrc, A and B NULL", c.traw, want, c.nraw, 0.0);
 
     /* H-CLIP's init of P */
-    float *p0 = alloc_floats(c.np);
+    float *p0 = tu_alloc_floats(c.np);
     for (size_t a = 0; a < s->q; a++)
         for (size_t sl = 0; sl < s->slots; sl++)
             for (size_t m = s->bt; m < s->mods; m++)
@@ -966,8 +944,9 @@ static void test_dcrc_forward(void **state) {
     TU_CTX_OR_SKIP(ctx);
     dcrc_case c;
     dcrc_case_init(ctx, &c, 80);
-    double *pd = to_double(c.p, c.np), *ad = to_double(c.a, c.na), *bd = to_double(c.b, c.nb_);
-    double *want = alloc_doubles(c.nraw);
+    double *pd = tu_to_double(c.p, c.np), *ad = tu_to_double(c.a, c.na),
+           *bd = tu_to_double(c.b, c.nb_);
+    double *want = tu_alloc_doubles(c.nraw);
     for (int v = 0; v < 4; v++) {
         int use_a = v & 1, use_b = v & 2;
         ref_dcrc_forward(&c.s, pd, use_a ? ad : NULL, use_b ? bd : NULL, want);
@@ -994,7 +973,7 @@ typedef struct dcrc_fd {
 static double dcrc_loss(const double *v, void *data) {
     dcrc_fd *f = data;
     size_t n = f->s->blocks * f->s->q * f->s->q;
-    double *raw = alloc_doubles(n);
+    double *raw = tu_alloc_doubles(n);
     ref_dcrc_forward(f->s, f->wrt == 0 ? v : f->p, f->wrt == 1 ? v : f->a, f->wrt == 2 ? v : f->b,
                      raw);
     double l = dot_d(raw, f->g, n);
@@ -1008,11 +987,12 @@ static void test_dcrc_backward(void **state) {
     dcrc_case c;
     dcrc_case_init(ctx, &c, 90);
     const dcrc_sizes *s = &c.s;
-    float *draw = random_floats(c.nraw, -1, 1, 93);
-    float *g0p = random_floats(c.np, -1, 1, 94), *g0a = random_floats(c.na, -1, 1, 95);
-    float *g0b = random_floats(c.nb_, -1, 1, 96);
-    double *pd = to_double(c.p, c.np), *ad = to_double(c.a, c.na), *bd = to_double(c.b, c.nb_);
-    double *gd = to_double(draw, c.nraw);
+    float *draw = tu_random_floats(c.nraw, -1, 1, 93);
+    float *g0p = tu_random_floats(c.np, -1, 1, 94), *g0a = tu_random_floats(c.na, -1, 1, 95);
+    float *g0b = tu_random_floats(c.nb_, -1, 1, 96);
+    double *pd = tu_to_double(c.p, c.np), *ad = tu_to_double(c.a, c.na),
+           *bd = tu_to_double(c.b, c.nb_);
+    double *gd = tu_to_double(draw, c.nraw);
     clh_tensor *tdraw = tu_put(ctx, 5, 3, SHAPE(s->blocks, s->q, s->q), draw);
     clh_tensor *tdp = tu_put(ctx, 6, 4, SHAPE(s->q, s->q, s->slots, s->mods), NULL);
     clh_tensor *tda = tu_put(ctx, 7, 3, SHAPE(s->layers, s->mods, s->mods), NULL);
@@ -1022,10 +1002,11 @@ static void test_dcrc_backward(void **state) {
         int use_a = v & 1, use_b = v & 2;
         const double *a = use_a ? ad : NULL, *b = use_b ? bd : NULL;
         /* reference from zero, checked against finite differences where the map exists */
-        double *dp = alloc_doubles(c.np), *da = alloc_doubles(c.na), *db = alloc_doubles(c.nb_);
+        double *dp = tu_alloc_doubles(c.np), *da = tu_alloc_doubles(c.na),
+               *db = tu_alloc_doubles(c.nb_);
         ref_dcrc_backward(s, pd, a, b, gd, dp, da, db);
         if (v == 3) {
-            double *num = alloc_doubles(c.np);
+            double *num = tu_alloc_doubles(c.np);
             dcrc_fd f = {s, pd, ad, bd, gd, 0};
             numeric_grad(dcrc_loss, pd, c.np, &f, num);
             expect_fd("dcrc dP", dp, num, c.np);
@@ -1064,7 +1045,8 @@ static void test_dcrc_backward(void **state) {
     /* NULL gradients are skipped */
     TU_OK(clh_tensor_upload(tdb, g0b, c.nb_));
     TU_OK(clh_dcrc_backward(ctx, &small_layout, c.tp, c.ta, c.tb, tdraw, NULL, NULL, tdb));
-    double *dp = alloc_doubles(c.np), *da = alloc_doubles(c.na), *db = alloc_doubles(c.nb_);
+    double *dp = tu_alloc_doubles(c.np), *da = tu_alloc_doubles(c.na),
+           *db = tu_alloc_doubles(c.nb_);
     ref_dcrc_backward(s, pd, ad, bd, gd, dp, da, db);
     for (size_t i = 0; i < c.nb_; i++)
         db[i] += g0b[i];
@@ -1132,7 +1114,7 @@ static double ref_f(double z, double s) {
 
 static double ref_he(const double *w, size_t n, size_t d, int axis, double s) {
     size_t nv = axis == 0 ? n : d, len = axis == 0 ? d : n;
-    double *u = alloc_doubles(nv * len), *norms = alloc_doubles(nv);
+    double *u = tu_alloc_doubles(nv * len), *norms = tu_alloc_doubles(nv);
     ref_he_vectors(w, n, d, axis, u, norms);
     double e = 0;
     for (size_t i = 0; i < nv; i++)
@@ -1154,7 +1136,8 @@ static double ref_he(const double *w, size_t n, size_t d, int axis, double s) {
 /* dE/dw: dE/du_i = sum_{j != i} 2 f'(d_ij) (u_i - u_j) / d_ij, then through u = w/|w|. */
 static void ref_he_backward(const double *w, size_t n, size_t d, int axis, double s, double *dw) {
     size_t nv = axis == 0 ? n : d, len = axis == 0 ? d : n;
-    double *u = alloc_doubles(nv * len), *norms = alloc_doubles(nv), *du = alloc_doubles(len);
+    double *u = tu_alloc_doubles(nv * len), *norms = tu_alloc_doubles(nv),
+           *du = tu_alloc_doubles(len);
     ref_he_vectors(w, n, d, axis, u, norms);
     for (size_t i = 0; i < nv; i++) {
         memset(du, 0, len * sizeof *du);
@@ -1193,8 +1176,8 @@ static void test_he_forward(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
     const size_t n = 13, d = 7;
-    float *w = random_floats(n * d, -1, 1, 100);
-    double *wd = to_double(w, n * d);
+    float *w = tu_random_floats(n * d, -1, 1, 100);
+    double *wd = tu_to_double(w, n * d);
     clh_tensor *tw = tu_put(ctx, 3, 2, SHAPE(n, d), w);
     const float ss[4] = {0.0f, 1.0f, 2.0f, 1.5f};
     for (int axis = 0; axis < 2; axis++)
@@ -1216,8 +1199,8 @@ static void test_he_tiled(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
     const size_t n = 1500, d = 16;
-    float *w = random_floats(n * d, -1, 1, 101);
-    double *wd = to_double(w, n * d);
+    float *w = tu_random_floats(n * d, -1, 1, 101);
+    double *wd = tu_to_double(w, n * d);
     clh_tensor *tw = tu_put(ctx, 0, 2, SHAPE(n, d), w);
     double got = 0, want = ref_he(wd, n, d, 0, 1.0);
     TU_OK(clh_hyperspherical_energy(ctx, tw, 0, 1.0f, &got));
@@ -1229,7 +1212,7 @@ static void test_he_tiled(void **state) {
     clh_tensor *tdw = tu_put(ctx, 0, 2, SHAPE(n, d), NULL);
     TU_OK(clh_tensor_fill(tdw, 0.0f));
     TU_OK(clh_hyperspherical_energy_backward(ctx, tw, 0, 1.0f, 1.0f, tdw));
-    double *want_dw = alloc_doubles(n * d);
+    double *want_dw = tu_alloc_doubles(n * d);
     ref_he_backward(wd, n, d, 0, 1.0, want_dw);
     expect_close("tiled HE backward", tdw, want_dw, n * d, 1e-4);
     clh_tensor_release(tw);
@@ -1254,8 +1237,9 @@ static void test_he_backward(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
     const size_t n = 9, d = 6, total = n * d;
-    float *w = random_floats(total, -1, 1, 110), *g0 = random_floats(total, -1, 1, 111);
-    double *wd = to_double(w, total), *want = alloc_doubles(total), *num = alloc_doubles(total);
+    float *w = tu_random_floats(total, -1, 1, 110), *g0 = tu_random_floats(total, -1, 1, 111);
+    double *wd = tu_to_double(w, total), *want = tu_alloc_doubles(total),
+           *num = tu_alloc_doubles(total);
     clh_tensor *tw = tu_put(ctx, 1, 2, SHAPE(n, d), w);
     clh_tensor *tdw = tu_put(ctx, 2, 2, SHAPE(n, d), NULL);
     const float ss[3] = {0.0f, 1.0f, 2.0f}, scale = 0.75f;
@@ -1294,7 +1278,7 @@ static void test_he_invariance(void **state) {
     clh_tensor *traw = tu_put(ctx, 0, 3, SHAPE(nb, q, q), raw);
     clh_tensor *blocks = tu_put(ctx, 0, 3, SHAPE(nb, q, q), NULL);
     TU_OK(clh_cayley_forward(ctx, traw, blocks, NULL));
-    float *w = random_floats(other * d, -1, 1, 121);
+    float *w = tu_random_floats(other * d, -1, 1, 121);
     clh_tensor *w_rows = tu_put(ctx, 0, 2, SHAPE(other, d), w); /* [24, 32] */
     clh_tensor *w_cols = tu_put(ctx, 0, 2, SHAPE(d, other), w); /* [32, 24] */
     clh_tensor *out_rows = tu_put(ctx, 0, 2, SHAPE(other, d), NULL);

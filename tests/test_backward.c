@@ -48,45 +48,11 @@ static void note_error(const char *name, int is_fd, double rel) {
 
 /* ------------------------------------------------------------------ host helpers */
 
-static float *random_floats(size_t n, float lo, float hi, uint32_t seed) {
-    float *x = malloc((n ? n : 1) * sizeof *x);
-    assert_non_null(x);
-    tu_fill_random(x, n, lo, hi, seed);
-    return x;
-}
-
-static double *alloc_doubles(size_t n) {
-    double *x = calloc(n ? n : 1, sizeof *x);
-    assert_non_null(x);
-    return x;
-}
-
-static double *to_double(const float *x, size_t n) {
-    double *y = alloc_doubles(n);
-    for (size_t i = 0; i < n; i++)
-        y[i] = x[i];
-    return y;
-}
-
-static double max_abs(const double *x, size_t n) {
-    double m = 0;
-    for (size_t i = 0; i < n; i++)
-        m = fmax(m, fabs(x[i]));
-    return m;
-}
-
 static double max_abs_f(const float *x, size_t n) {
     double m = 0;
     for (size_t i = 0; i < n; i++)
         m = fmax(m, fabs((double)x[i]));
     return m;
-}
-
-static double dot(const double *a, const double *b, size_t n) {
-    double s = 0;
-    for (size_t i = 0; i < n; i++)
-        s += a[i] * b[i];
-    return s;
 }
 
 /* ------------------------------------------------------------------ device helpers */
@@ -97,7 +63,7 @@ static void expect_close(const char *name, const clh_tensor *t, const double *wa
                          double tol) {
     assert_int_equal(clh_tensor_numel(t), n);
     float *got = tu_fetch(t);
-    double err = 0, mag = max_abs(want, n);
+    double err = 0, mag = tu_max_abs(want, n);
     for (size_t i = 0; i < n; i++) {
         if (!isfinite(got[i]))
             fail_msg("%s: element %zu is %g, expected %g", name, i, (double)got[i], want[i]);
@@ -111,7 +77,7 @@ static void expect_close(const char *name, const clh_tensor *t, const double *wa
 
 /* Tolerance of a row-wise result and of a sum of k products of a and b. */
 static double row_tol(const double *want, size_t n) {
-    return ROW_TOL * max_abs(want, n) + 1e-30;
+    return ROW_TOL * tu_max_abs(want, n) + 1e-30;
 }
 
 static double gemm_tol(size_t k, double max_a, double max_b) {
@@ -127,7 +93,7 @@ typedef double (*loss_fn)(const void *problem);
  * against the analytic gradient; asserts and records the relative error. */
 static void fd_check(const char *name, loss_fn loss, const void *problem, double *x, size_t n,
                      const double *analytic) {
-    double err = 0, mag = max_abs(analytic, n);
+    double err = 0, mag = tu_max_abs(analytic, n);
     for (size_t i = 0; i < n; i++) {
         double saved = x[i];
         x[i] = saved + FD_STEP;
@@ -188,9 +154,9 @@ typedef struct linear_problem {
 
 static double linear_loss(const void *p_) {
     const linear_problem *p = p_;
-    double *y = alloc_doubles(p->rows * p->out);
+    double *y = tu_alloc_doubles(p->rows * p->out);
     ref_linear(p->x, p->w, p->b, p->rows, p->in, p->out, y);
-    double l = dot(y, p->dy, p->rows * p->out);
+    double l = tu_dot(y, p->dy, p->rows * p->out);
     free(y);
     return l;
 }
@@ -198,16 +164,17 @@ static double linear_loss(const void *p_) {
 static void test_linear_backward_fd(void **state) {
     (void)state;
     const size_t rows = 3, in = 5, out = 4;
-    float *xf = random_floats(rows * in, -1, 1, 1), *wf = random_floats(out * in, -1, 1, 2);
-    float *bf = random_floats(out, -1, 1, 3), *dyf = random_floats(rows * out, -1, 1, 4);
-    linear_problem p = {to_double(xf, rows * in),
-                        to_double(wf, out * in),
-                        to_double(bf, out),
-                        to_double(dyf, rows * out),
+    float *xf = tu_random_floats(rows * in, -1, 1, 1), *wf = tu_random_floats(out * in, -1, 1, 2);
+    float *bf = tu_random_floats(out, -1, 1, 3), *dyf = tu_random_floats(rows * out, -1, 1, 4);
+    linear_problem p = {tu_to_double(xf, rows * in),
+                        tu_to_double(wf, out * in),
+                        tu_to_double(bf, out),
+                        tu_to_double(dyf, rows * out),
                         rows,
                         in,
                         out};
-    double *dx = alloc_doubles(rows * in), *dw = alloc_doubles(out * in), *db = alloc_doubles(out);
+    double *dx = tu_alloc_doubles(rows * in), *dw = tu_alloc_doubles(out * in),
+           *db = tu_alloc_doubles(out);
     ref_linear_backward(p.x, p.w, p.dy, rows, in, out, dx, dw, db);
     fd_check("linear_backward", linear_loss, &p, p.x, rows * in, dx);
     fd_check("linear_backward", linear_loss, &p, p.w, out * in, dw);
@@ -227,13 +194,15 @@ static void test_linear_backward_fd(void **state) {
 
 /* One device case: x [rows, in] (as [3, rows/3, in] when rows is a multiple of 3 > 3). */
 static void check_linear_case(clh_ctx *ctx, size_t rows, size_t in, size_t out, uint32_t seed) {
-    float *x = random_floats(rows * in, -1, 1, seed), *w = random_floats(out * in, -1, 1, seed + 1);
-    float *dy = random_floats(rows * out, -1, 1, seed + 2);
-    float *dw0 = random_floats(out * in, -1, 1, seed + 3),
-          *db0 = random_floats(out, -1, 1, seed + 4);
-    double *xd = to_double(x, rows * in), *wd = to_double(w, out * in);
-    double *dyd = to_double(dy, rows * out);
-    double *dx = alloc_doubles(rows * in), *dw = alloc_doubles(out * in), *db = alloc_doubles(out);
+    float *x = tu_random_floats(rows * in, -1, 1, seed),
+          *w = tu_random_floats(out * in, -1, 1, seed + 1);
+    float *dy = tu_random_floats(rows * out, -1, 1, seed + 2);
+    float *dw0 = tu_random_floats(out * in, -1, 1, seed + 3),
+          *db0 = tu_random_floats(out, -1, 1, seed + 4);
+    double *xd = tu_to_double(x, rows * in), *wd = tu_to_double(w, out * in);
+    double *dyd = tu_to_double(dy, rows * out);
+    double *dx = tu_alloc_doubles(rows * in), *dw = tu_alloc_doubles(out * in),
+           *db = tu_alloc_doubles(out);
     ref_linear_backward(xd, wd, dyd, rows, in, out, dx, dw, db);
 
     int split = rows > 3 && rows % 3 == 0;
@@ -247,7 +216,7 @@ static void check_linear_case(clh_ctx *ctx, size_t rows, size_t in, size_t out, 
     TU_OK(clh_linear_backward(ctx, tx, tw, tdy, tdx, tdw, tdb));
 
     double mdy = max_abs_f(dy, rows * out);
-    double *want_w = alloc_doubles(out * in), *want_b = alloc_doubles(out);
+    double *want_w = tu_alloc_doubles(out * in), *want_b = tu_alloc_doubles(out);
     for (size_t i = 0; i < out * in; i++)
         want_w[i] = dw0[i] + dw[i]; /* accumulated onto the initial values */
     for (size_t i = 0; i < out; i++)
@@ -304,11 +273,12 @@ static void test_linear_backward(void **state) {
 static void test_linear_backward_null_and_alias(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t rows = 7, in = 5, out = 77;
-    float *x = random_floats(rows * in, -1, 1, 300), *w = random_floats(out * in, -1, 1, 301);
-    float *dy = random_floats(rows * out, -1, 1, 302);
-    double *xd = to_double(x, rows * in), *wd = to_double(w, out * in);
-    double *dyd = to_double(dy, rows * out);
-    double *dx = alloc_doubles(rows * in), *dw = alloc_doubles(out * in), *db = alloc_doubles(out);
+    float *x = tu_random_floats(rows * in, -1, 1, 300), *w = tu_random_floats(out * in, -1, 1, 301);
+    float *dy = tu_random_floats(rows * out, -1, 1, 302);
+    double *xd = tu_to_double(x, rows * in), *wd = tu_to_double(w, out * in);
+    double *dyd = tu_to_double(dy, rows * out);
+    double *dx = tu_alloc_doubles(rows * in), *dw = tu_alloc_doubles(out * in),
+           *db = tu_alloc_doubles(out);
     ref_linear_backward(xd, wd, dyd, rows, in, out, dx, dw, db);
     double mdy = max_abs_f(dy, rows * out);
     double tol_x = gemm_tol(out, mdy, 1), tol_w = gemm_tol(rows, mdy, 1);
@@ -440,12 +410,12 @@ static void ref_layer_norm_backward(const double *x, const double *gamma, const 
 }
 
 static double max_abs_xhat(const double *x, size_t rows, size_t cols, double eps) {
-    double *y = alloc_doubles(rows * cols), *ones = alloc_doubles(cols),
-           *zeros = alloc_doubles(cols);
+    double *y = tu_alloc_doubles(rows * cols), *ones = tu_alloc_doubles(cols),
+           *zeros = tu_alloc_doubles(cols);
     for (size_t c = 0; c < cols; c++)
         ones[c] = 1;
     ref_layer_norm(x, ones, zeros, rows, cols, eps, y);
-    double m = max_abs(y, rows * cols);
+    double m = tu_max_abs(y, rows * cols);
     free(y);
     free(ones);
     free(zeros);
@@ -461,9 +431,9 @@ typedef struct ln_problem {
 static double ln_loss(const void *p_) {
     const ln_problem *p = p_;
     size_t n = p->rows * p->cols;
-    double *y = alloc_doubles(n);
+    double *y = tu_alloc_doubles(n);
     ref_layer_norm(p->x, p->gamma, p->beta, p->rows, p->cols, p->eps, y);
-    double l = dot(y, p->dy, n);
+    double l = tu_dot(y, p->dy, n);
     free(y);
     return l;
 }
@@ -473,17 +443,18 @@ static void test_layer_norm_backward_fd(void **state) {
     static const size_t shapes[][2] = {{1, 5}, {3, 7}, {2, 1}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         size_t rows = shapes[s][0], cols = shapes[s][1], n = rows * cols;
-        float *xf = random_floats(n, -2, 3, 10 + (uint32_t)s),
-              *gf = random_floats(cols, 0.5f, 1.5f, 11);
-        float *bf = random_floats(cols, -1, 1, 12), *dyf = random_floats(n, -1, 1, 13);
-        ln_problem p = {to_double(xf, n),
-                        to_double(gf, cols),
-                        to_double(bf, cols),
-                        to_double(dyf, n),
+        float *xf = tu_random_floats(n, -2, 3, 10 + (uint32_t)s),
+              *gf = tu_random_floats(cols, 0.5f, 1.5f, 11);
+        float *bf = tu_random_floats(cols, -1, 1, 12), *dyf = tu_random_floats(n, -1, 1, 13);
+        ln_problem p = {tu_to_double(xf, n),
+                        tu_to_double(gf, cols),
+                        tu_to_double(bf, cols),
+                        tu_to_double(dyf, n),
                         rows,
                         cols,
                         1e-5};
-        double *dx = alloc_doubles(n), *dg = alloc_doubles(cols), *db = alloc_doubles(cols);
+        double *dx = tu_alloc_doubles(n), *dg = tu_alloc_doubles(cols),
+               *db = tu_alloc_doubles(cols);
         ref_layer_norm_backward(p.x, p.gamma, p.dy, rows, cols, p.eps, dx, dg, db);
         fd_check("layer_norm_backward", ln_loss, &p, p.x, n, dx);
         fd_check("layer_norm_backward", ln_loss, &p, p.gamma, cols, dg);
@@ -505,11 +476,13 @@ static void test_layer_norm_backward_fd(void **state) {
 static void check_layer_norm_case(clh_ctx *ctx, size_t rows, size_t cols, uint32_t seed) {
     size_t n = rows * cols;
     const float eps = 1e-5f;
-    float *x = random_floats(n, -1.5f, 2.5f, seed), *g = random_floats(cols, 0.5f, 1.5f, seed + 1);
-    float *dy = random_floats(n, -1, 1, seed + 2);
-    float *dg0 = random_floats(cols, -1, 1, seed + 3), *db0 = random_floats(cols, -1, 1, seed + 4);
-    double *xd = to_double(x, n), *gd = to_double(g, cols), *dyd = to_double(dy, n);
-    double *dx = alloc_doubles(n), *dg = alloc_doubles(cols), *db = alloc_doubles(cols);
+    float *x = tu_random_floats(n, -1.5f, 2.5f, seed),
+          *g = tu_random_floats(cols, 0.5f, 1.5f, seed + 1);
+    float *dy = tu_random_floats(n, -1, 1, seed + 2);
+    float *dg0 = tu_random_floats(cols, -1, 1, seed + 3),
+          *db0 = tu_random_floats(cols, -1, 1, seed + 4);
+    double *xd = tu_to_double(x, n), *gd = tu_to_double(g, cols), *dyd = tu_to_double(dy, n);
+    double *dx = tu_alloc_doubles(n), *dg = tu_alloc_doubles(cols), *db = tu_alloc_doubles(cols);
     ref_layer_norm_backward(xd, gd, dyd, rows, cols, eps, dx, dg, db);
 
     clh_tensor *tx = tu_put(ctx, 3, DIMS((int64_t)rows, (int64_t)cols), x);
@@ -518,7 +491,7 @@ static void check_layer_norm_case(clh_ctx *ctx, size_t rows, size_t cols, uint32
     clh_tensor *tdx = tu_put(ctx, 5, DIMS((int64_t)rows, (int64_t)cols), NULL);
     clh_tensor *tdg = tu_put(ctx, 2, DIMS((int64_t)cols), dg0);
     clh_tensor *tdb = tu_put(ctx, 0, DIMS((int64_t)cols), db0);
-    double *want_g = alloc_doubles(cols), *want_b = alloc_doubles(cols);
+    double *want_g = tu_alloc_doubles(cols), *want_b = tu_alloc_doubles(cols);
     /* dgamma sums rows of dy * xhat */
     double mdy = max_abs_f(dy, n), max_xhat = max_abs_xhat(xd, rows, cols, eps);
     double tol_g = gemm_tol(rows, mdy, max_xhat) + 1e-7, tol_b = gemm_tol(rows, mdy, 1) + 1e-7;
@@ -567,10 +540,10 @@ static void test_layer_norm_backward(void **state) {
 static void test_layer_norm_backward_misc(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t rows = 33, cols = 77, n = rows * cols;
-    float *x = random_floats(n, -1, 1, 700), *g = random_floats(cols, 0.5f, 1.5f, 701);
-    float *dy = random_floats(n, -1, 1, 702);
-    double *xd = to_double(x, n), *gd = to_double(g, cols), *dyd = to_double(dy, n);
-    double *dx = alloc_doubles(n), *dg = alloc_doubles(cols), *db = alloc_doubles(cols);
+    float *x = tu_random_floats(n, -1, 1, 700), *g = tu_random_floats(cols, 0.5f, 1.5f, 701);
+    float *dy = tu_random_floats(n, -1, 1, 702);
+    double *xd = tu_to_double(x, n), *gd = tu_to_double(g, cols), *dyd = tu_to_double(dy, n);
+    double *dx = tu_alloc_doubles(n), *dg = tu_alloc_doubles(cols), *db = tu_alloc_doubles(cols);
     ref_layer_norm_backward(xd, gd, dyd, rows, cols, 1e-5, dx, dg, db);
     clh_tensor *tx = tu_put(ctx, 0, DIMS((int64_t)rows, (int64_t)cols), x);
     clh_tensor *tg = tu_put(ctx, 0, DIMS((int64_t)cols), g);
@@ -646,7 +619,7 @@ static void ref_softmax(const double *x, size_t rows, size_t lq, size_t cols, do
 static void ref_softmax_backward(const double *y, const double *dy, size_t rows, size_t cols,
                                  double scale, double *dx) {
     for (size_t r = 0; r < rows; r++) {
-        double s = dot(y + r * cols, dy + r * cols, cols);
+        double s = tu_dot(y + r * cols, dy + r * cols, cols);
         for (size_t c = 0; c < cols; c++)
             dx[r * cols + c] = scale * y[r * cols + c] * (dy[r * cols + c] - s);
     }
@@ -662,9 +635,9 @@ typedef struct softmax_problem {
 static double softmax_loss(const void *p_) {
     const softmax_problem *p = p_;
     size_t n = p->rows * p->cols;
-    double *y = alloc_doubles(n);
+    double *y = tu_alloc_doubles(n);
     ref_softmax(p->x, p->rows, p->lq, p->cols, p->scale, p->causal, y);
-    double l = dot(y, p->dy, n);
+    double l = tu_dot(y, p->dy, n);
     free(y);
     return l;
 }
@@ -673,10 +646,11 @@ static void test_softmax_backward_fd(void **state) {
     (void)state;
     for (int causal = 0; causal < 2; causal++) {
         const size_t rows = 6, lq = 3, cols = 5, n = rows * cols;
-        float *xf = random_floats(n, -2, 2, 20 + (uint32_t)causal),
-              *dyf = random_floats(n, -1, 1, 22);
-        softmax_problem p = {to_double(xf, n), to_double(dyf, n), rows, lq, cols, 0.37, causal};
-        double *y = alloc_doubles(n), *dx = alloc_doubles(n);
+        float *xf = tu_random_floats(n, -2, 2, 20 + (uint32_t)causal),
+              *dyf = tu_random_floats(n, -1, 1, 22);
+        softmax_problem p = {
+            tu_to_double(xf, n), tu_to_double(dyf, n), rows, lq, cols, 0.37, causal};
+        double *y = tu_alloc_doubles(n), *dx = tu_alloc_doubles(n);
         ref_softmax(p.x, rows, lq, cols, p.scale, causal, y);
         ref_softmax_backward(y, p.dy, rows, cols, p.scale, dx);
         fd_check("softmax_backward", softmax_loss, &p, p.x, n, dx);
@@ -693,14 +667,14 @@ static void check_softmax_case(clh_ctx *ctx, size_t blocks, size_t lq, size_t co
                                int in_place, uint32_t seed) {
     size_t rows = blocks * lq, n = rows * cols;
     const double scale = 0.37;
-    float *xf = random_floats(n, -4, 4, seed), *dy = random_floats(n, -1, 1, seed + 1);
-    double *x = to_double(xf, n), *y = alloc_doubles(n), *dx = alloc_doubles(n);
+    float *xf = tu_random_floats(n, -4, 4, seed), *dy = tu_random_floats(n, -1, 1, seed + 1);
+    double *x = tu_to_double(xf, n), *y = tu_alloc_doubles(n), *dx = tu_alloc_doubles(n);
     ref_softmax(x, rows, lq, cols, scale, causal, y);
     float *yf = malloc(n * sizeof *yf);
     assert_non_null(yf);
     for (size_t i = 0; i < n; i++)
         yf[i] = (float)y[i];
-    double *yr = to_double(yf, n), *dyd = to_double(dy, n);
+    double *yr = tu_to_double(yf, n), *dyd = tu_to_double(dy, n);
     ref_softmax_backward(yr, dyd, rows, cols, scale, dx); /* from the y the device sees */
     clh_tensor *ty = tu_put(ctx, 1, DIMS((int64_t)blocks, (int64_t)lq, (int64_t)cols), yf);
     clh_tensor *tdy = tu_put(ctx, 4, DIMS((int64_t)blocks, (int64_t)lq, (int64_t)cols), dy);
@@ -774,7 +748,7 @@ static void ref_attention_probs(const attn_shape *s, const double *q, const doub
 static void ref_attention(const attn_shape *s, const double *q, const double *k, const double *v,
                           double *out) {
     size_t hd = s->d / (size_t)s->heads;
-    double *p = alloc_doubles(s->lq * s->lk);
+    double *p = tu_alloc_doubles(s->lq * s->lk);
     for (size_t n = 0; n < s->n; n++)
         for (int h = 0; h < s->heads; h++) {
             ref_attention_probs(s, q, k, n, h, p);
@@ -795,7 +769,7 @@ static void ref_attention_backward(const attn_shape *s, const double *q, const d
                                    double *dv) {
     size_t hd = s->d / (size_t)s->heads, lq = s->lq, lk = s->lk, d = s->d;
     double scale = 1 / sqrt((double)hd);
-    double *p = alloc_doubles(lq * lk), *ds = alloc_doubles(lq * lk);
+    double *p = tu_alloc_doubles(lq * lk), *ds = tu_alloc_doubles(lq * lk);
     for (size_t n = 0; n < s->n; n++)
         for (int h = 0; h < s->heads; h++) {
             ref_attention_probs(s, q, k, n, h, p);
@@ -843,9 +817,9 @@ typedef struct attn_problem {
 static double attn_loss(const void *p_) {
     const attn_problem *p = p_;
     size_t n = p->s.n * p->s.lq * p->s.d;
-    double *out = alloc_doubles(n);
+    double *out = tu_alloc_doubles(n);
     ref_attention(&p->s, p->q, p->k, p->v, out);
-    double l = dot(out, p->dout, n);
+    double l = tu_dot(out, p->dout, n);
     free(out);
     return l;
 }
@@ -860,10 +834,10 @@ static attn_data attn_data_new(const attn_shape *s, uint32_t seed) {
     attn_data a;
     a.nq = s->n * s->lq * s->d;
     a.nk = s->n * s->lk * s->d;
-    a.q = random_floats(a.nq, -2, 2, seed);
-    a.k = random_floats(a.nk, -1, 1, seed + 1);
-    a.v = random_floats(a.nk, -1, 1, seed + 2);
-    a.dout = random_floats(a.nq, -1, 1, seed + 3);
+    a.q = tu_random_floats(a.nq, -2, 2, seed);
+    a.k = tu_random_floats(a.nk, -1, 1, seed + 1);
+    a.v = tu_random_floats(a.nk, -1, 1, seed + 2);
+    a.dout = tu_random_floats(a.nq, -1, 1, seed + 3);
     return a;
 }
 
@@ -880,9 +854,10 @@ static void test_attention_backward_fd(void **state) {
         {2, 4, 4, 6, 2, 0}, {2, 4, 4, 6, 2, 1}, {1, 3, 5, 6, 3, 0}, {1, 5, 3, 4, 1, 1}};
     for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
         attn_data a = attn_data_new(&shapes[c], 30 + 4 * (uint32_t)c);
-        attn_problem p = {shapes[c], to_double(a.q, a.nq), to_double(a.k, a.nk),
-                          to_double(a.v, a.nk), to_double(a.dout, a.nq)};
-        double *dq = alloc_doubles(a.nq), *dk = alloc_doubles(a.nk), *dv = alloc_doubles(a.nk);
+        attn_problem p = {shapes[c], tu_to_double(a.q, a.nq), tu_to_double(a.k, a.nk),
+                          tu_to_double(a.v, a.nk), tu_to_double(a.dout, a.nq)};
+        double *dq = tu_alloc_doubles(a.nq), *dk = tu_alloc_doubles(a.nk),
+               *dv = tu_alloc_doubles(a.nk);
         ref_attention_backward(&p.s, p.q, p.k, p.v, p.dout, dq, dk, dv);
         fd_check("attention_backward", attn_loss, &p, p.q, a.nq, dq);
         fd_check("attention_backward", attn_loss, &p, p.k, a.nk, dk);
@@ -899,9 +874,10 @@ typedef struct attn_ref {
 } attn_ref;
 
 static attn_ref attn_ref_new(const attn_shape *s, const attn_data *a) {
-    double *q = to_double(a->q, a->nq), *k = to_double(a->k, a->nk), *v = to_double(a->v, a->nk);
-    double *dout = to_double(a->dout, a->nq);
-    attn_ref r = {alloc_doubles(a->nq), alloc_doubles(a->nk), alloc_doubles(a->nk)};
+    double *q = tu_to_double(a->q, a->nq), *k = tu_to_double(a->k, a->nk),
+           *v = tu_to_double(a->v, a->nk);
+    double *dout = tu_to_double(a->dout, a->nq);
+    attn_ref r = {tu_alloc_doubles(a->nq), tu_alloc_doubles(a->nk), tu_alloc_doubles(a->nk)};
     ref_attention_backward(s, q, k, v, dout, r.dq, r.dk, r.dv);
     free(q);
     free(k);
@@ -1068,9 +1044,9 @@ static void test_activation_backward_fd(void **state) {
     (void)state;
     const size_t n = 200;
     for (size_t a = 0; a < 2; a++) {
-        float *xf = random_floats(n, -7, 7, 40), *dyf = random_floats(n, -1, 1, 41);
-        act_problem p = {to_double(xf, n), to_double(dyf, n), n, activations[a].f};
-        double *dx = alloc_doubles(n);
+        float *xf = tu_random_floats(n, -7, 7, 40), *dyf = tu_random_floats(n, -1, 1, 41);
+        act_problem p = {tu_to_double(xf, n), tu_to_double(dyf, n), n, activations[a].f};
+        double *dx = tu_alloc_doubles(n);
         for (size_t i = 0; i < n; i++)
             dx[i] = p.dy[i] * activations[a].grad(p.x[i]);
         fd_check(activations[a].name, act_loss, &p, p.x, n, dx);
@@ -1088,9 +1064,9 @@ static void test_activation_backward(void **state) {
     for (size_t a = 0; a < 2; a++)
         for (size_t s = 0; s < 3; s++) {
             size_t n = sizes[s];
-            float *x = random_floats(n, -9, 9, 1300 + (uint32_t)s),
-                  *dy = random_floats(n, -1, 1, 1310);
-            double *want = alloc_doubles(n);
+            float *x = tu_random_floats(n, -9, 9, 1300 + (uint32_t)s),
+                  *dy = tu_random_floats(n, -1, 1, 1310);
+            double *want = tu_alloc_doubles(n);
             for (size_t i = 0; i < n; i++)
                 want[i] = (double)dy[i] * activations[a].grad(x[i]);
             clh_tensor *tx = tu_put(ctx, 1, DIMS((int64_t)n), x),
@@ -1119,7 +1095,7 @@ static void test_activation_backward(void **state) {
 
 static void ref_l2_normalize(const double *x, size_t rows, size_t cols, double *y) {
     for (size_t r = 0; r < rows; r++) {
-        double norm = fmax(sqrt(dot(x + r * cols, x + r * cols, cols)), 1e-12);
+        double norm = fmax(sqrt(tu_dot(x + r * cols, x + r * cols, cols)), 1e-12);
         for (size_t c = 0; c < cols; c++)
             y[r * cols + c] = x[r * cols + c] / norm;
     }
@@ -1129,9 +1105,9 @@ static void ref_l2_normalize_backward(const double *x, const double *dy, size_t 
                                       double *dx) {
     for (size_t r = 0; r < rows; r++) {
         const double *xr = x + r * cols, *dyr = dy + r * cols;
-        double norm = sqrt(dot(xr, xr, cols));
+        double norm = sqrt(tu_dot(xr, xr, cols));
         if (norm > 1e-12) {
-            double proj = dot(xr, dyr, cols) / (norm * norm);
+            double proj = tu_dot(xr, dyr, cols) / (norm * norm);
             for (size_t c = 0; c < cols; c++)
                 dx[r * cols + c] = (dyr[c] - xr[c] * proj) / norm;
         } else {
@@ -1149,9 +1125,9 @@ typedef struct l2_problem {
 static double l2_loss(const void *p_) {
     const l2_problem *p = p_;
     size_t n = p->rows * p->cols;
-    double *y = alloc_doubles(n);
+    double *y = tu_alloc_doubles(n);
     ref_l2_normalize(p->x, p->rows, p->cols, y);
-    double l = dot(y, p->dy, n);
+    double l = tu_dot(y, p->dy, n);
     free(y);
     return l;
 }
@@ -1159,9 +1135,9 @@ static double l2_loss(const void *p_) {
 static void test_l2_normalize_backward_fd(void **state) {
     (void)state;
     const size_t rows = 3, cols = 7, n = rows * cols;
-    float *xf = random_floats(n, -1, 1, 50), *dyf = random_floats(n, -1, 1, 51);
-    l2_problem p = {to_double(xf, n), to_double(dyf, n), rows, cols};
-    double *dx = alloc_doubles(n);
+    float *xf = tu_random_floats(n, -1, 1, 50), *dyf = tu_random_floats(n, -1, 1, 51);
+    l2_problem p = {tu_to_double(xf, n), tu_to_double(dyf, n), rows, cols};
+    double *dx = tu_alloc_doubles(n);
     ref_l2_normalize_backward(p.x, p.dy, rows, cols, dx);
     fd_check("l2_normalize_backward", l2_loss, &p, p.x, n, dx);
     free(xf);
@@ -1178,8 +1154,9 @@ static void test_l2_normalize_backward(void **state) {
     for (size_t r = 0; r < 4; r++)
         for (size_t c = 0; c < 3; c++, seed += 2) {
             size_t n = rows[r] * cols[c];
-            float *x = random_floats(n, -1, 1, seed), *dy = random_floats(n, -1, 1, seed + 1);
-            double *xd = to_double(x, n), *dyd = to_double(dy, n), *want = alloc_doubles(n);
+            float *x = tu_random_floats(n, -1, 1, seed), *dy = tu_random_floats(n, -1, 1, seed + 1);
+            double *xd = tu_to_double(x, n), *dyd = tu_to_double(dy, n),
+                   *want = tu_alloc_doubles(n);
             ref_l2_normalize_backward(xd, dyd, rows[r], cols[c], want);
             clh_tensor *tx = tu_put(ctx, 2, DIMS((int64_t)rows[r], (int64_t)cols[c]), x);
             clh_tensor *tdy = tu_put(ctx, 0, DIMS((int64_t)rows[r], (int64_t)cols[c]), dy);
@@ -1225,7 +1202,7 @@ static double gather_loss(const void *p_) {
     const gather_problem *p = p_;
     double l = 0;
     for (size_t i = 0; i < p->n; i++)
-        l += dot(p->x + (size_t)p->index[i] * p->cols, p->dy + i * p->cols, p->cols);
+        l += tu_dot(p->x + (size_t)p->index[i] * p->cols, p->dy + i * p->cols, p->cols);
     return l;
 }
 
@@ -1240,9 +1217,10 @@ static void test_scatter_add_rows_fd(void **state) {
     (void)state;
     const size_t rows = 6, cols = 5, n = 8;
     const int32_t index[8] = {4, 0, 4, 2, 4, 5, 0, 3}; /* row 1 is never gathered */
-    float *xf = random_floats(rows * cols, -1, 1, 60), *dyf = random_floats(n * cols, -1, 1, 61);
-    gather_problem p = {to_double(xf, rows * cols), to_double(dyf, n * cols), index, n, cols};
-    double *dx = alloc_doubles(rows * cols);
+    float *xf = tu_random_floats(rows * cols, -1, 1, 60),
+          *dyf = tu_random_floats(n * cols, -1, 1, 61);
+    gather_problem p = {tu_to_double(xf, rows * cols), tu_to_double(dyf, n * cols), index, n, cols};
+    double *dx = tu_alloc_doubles(rows * cols);
     ref_scatter_add(p.dy, index, n, cols, dx);
     fd_check("scatter_add_rows", gather_loss, &p, p.x, rows * cols, dx);
     free(xf);
@@ -1259,8 +1237,8 @@ static void test_scatter_add_rows(void **state) {
     for (size_t i = 0; i < n; i++)
         index[i] = (int32_t)((i * 7 + i / 5) % rows);
     index[3] = index[17] = index[39] = 8; /* repeats far apart */
-    float *dy = random_floats(n * cols, -1, 1, 1500),
-          *dx0 = random_floats(rows * cols, -1, 1, 1501);
+    float *dy = tu_random_floats(n * cols, -1, 1, 1500),
+          *dx0 = tu_random_floats(rows * cols, -1, 1, 1501);
     /* a sequential float loop gives the expected bits: the device adds each target's
      * rows in the same (ascending) order, starting from the old value */
     float *want = malloc(rows * cols * sizeof *want);
@@ -1269,7 +1247,7 @@ static void test_scatter_add_rows(void **state) {
     for (size_t i = 0; i < n; i++)
         for (size_t c = 0; c < cols; c++)
             want[(size_t)index[i] * cols + c] += dy[i * cols + c];
-    double *want_d = to_double(want, rows * cols);
+    double *want_d = tu_to_double(want, rows * cols);
     clh_tensor *tdy = tu_put(ctx, 3, DIMS((int64_t)n, (int64_t)cols), dy);
     clh_tensor *tdx = tu_put(ctx, 1, DIMS(3, 3, (int64_t)cols), dx0);
     TU_OK(clh_scatter_add_rows(ctx, tdy, index, n, tdx));
@@ -1314,8 +1292,8 @@ static void test_scatter_add_rows(void **state) {
 static void test_axpy_and_scale(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t n = 1000;
-    float *x = random_floats(n, -1, 1, 1600), *y = random_floats(n, -1, 1, 1601);
-    double *want = alloc_doubles(n);
+    float *x = tu_random_floats(n, -1, 1, 1600), *y = tu_random_floats(n, -1, 1, 1601);
+    double *want = tu_alloc_doubles(n);
     for (size_t i = 0; i < n; i++)
         want[i] = y[i] + 0.3 * (double)x[i];
     clh_tensor *tx = tu_put(ctx, 1, DIMS(10, 100), x), *ty = tu_put(ctx, 2, DIMS((int64_t)n), y);
@@ -1346,7 +1324,7 @@ static void test_sum_squares(void **state) {
     static const size_t sizes[] = {1, 77, 4097, 3000001};
     for (size_t s = 0; s < 4; s++) {
         size_t n = sizes[s];
-        float *x = random_floats(n, -2, 2, 1700 + (uint32_t)s);
+        float *x = tu_random_floats(n, -2, 2, 1700 + (uint32_t)s);
         double want = 0, got = -1;
         for (size_t i = 0; i < n; i++)
             want += (double)x[i] * x[i];

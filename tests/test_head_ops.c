@@ -57,40 +57,6 @@ static void note_error(const char *name, int kind, double rel) {
 
 /* ------------------------------------------------------------------ host helpers */
 
-static float *random_floats(size_t n, float lo, float hi, uint32_t seed) {
-    float *x = malloc((n ? n : 1) * sizeof *x);
-    assert_non_null(x);
-    tu_fill_random(x, n, lo, hi, seed);
-    return x;
-}
-
-static double *alloc_doubles(size_t n) {
-    double *x = calloc(n ? n : 1, sizeof *x);
-    assert_non_null(x);
-    return x;
-}
-
-static double *to_double(const float *x, size_t n) {
-    double *y = alloc_doubles(n);
-    for (size_t i = 0; i < n; i++)
-        y[i] = x[i];
-    return y;
-}
-
-static double max_abs(const double *x, size_t n) {
-    double m = 0;
-    for (size_t i = 0; i < n; i++)
-        m = fmax(m, fabs(x[i]));
-    return m;
-}
-
-static double dot(const double *a, const double *b, size_t n) {
-    double s = 0;
-    for (size_t i = 0; i < n; i++)
-        s += a[i] * b[i];
-    return s;
-}
-
 /* ------------------------------------------------------------------ device helpers */
 
 /* Device result vs double reference: max|got - want| <= tol (recorded relative to max|want|). */
@@ -98,7 +64,7 @@ static void expect_close(const char *name, const clh_tensor *t, const double *wa
                          double tol) {
     assert_int_equal(clh_tensor_numel(t), n);
     float *got = tu_fetch(t);
-    double err = 0, mag = max_abs(want, n);
+    double err = 0, mag = tu_max_abs(want, n);
     for (size_t i = 0; i < n; i++) {
         if (!isfinite(got[i]))
             fail_msg("%s: element %zu is %g, expected %g", name, i, (double)got[i], want[i]);
@@ -111,7 +77,7 @@ static void expect_close(const char *name, const clh_tensor *t, const double *wa
 }
 
 static double rel_tol(const double *want, size_t n) {
-    return DEV_TOL * max_abs(want, n) + 1e-30;
+    return DEV_TOL * tu_max_abs(want, n) + 1e-30;
 }
 
 /* ------------------------------------------------------------------ generic op cases
@@ -148,23 +114,23 @@ static void set_shape(int64_t *dst, int *ndim, int nd, const int64_t *shape) {
 }
 
 static double case_loss(const op_case *c, const double *dy) {
-    double *y = alloc_doubles(c->out_n);
+    double *y = tu_alloc_doubles(c->out_n);
     c->forward(c, y);
-    double l = dot(y, dy, c->out_n);
+    double l = tu_dot(y, dy, c->out_n);
     free(y);
     return l;
 }
 
 /* Central differences of sum(dy * forward) for every input element vs the C backward. */
 static void fd_check_case(op_case *c, uint32_t seed) {
-    float *dyf = random_floats(c->out_n, -1, 1, seed);
-    double *dy = to_double(dyf, c->out_n);
+    float *dyf = tu_random_floats(c->out_n, -1, 1, seed);
+    double *dy = tu_to_double(dyf, c->out_n);
     double *grads[3] = {NULL, NULL, NULL};
     for (int i = 0; i < c->n_in; i++)
-        grads[i] = alloc_doubles(c->in_n[i]);
+        grads[i] = tu_alloc_doubles(c->in_n[i]);
     c->backward(c, dy, grads);
     for (int k = 0; k < c->n_in; k++) {
-        double err = 0, mag = max_abs(grads[k], c->in_n[k]);
+        double err = 0, mag = tu_max_abs(grads[k], c->in_n[k]);
         double *x = c->in[k];
         for (size_t i = 0; i < c->in_n[k]; i++) {
             double saved = x[i];
@@ -193,9 +159,9 @@ static void fd_check_case(op_case *c, uint32_t seed) {
 static void case_inputs(op_case *c, int n_in, const size_t *sizes, uint32_t seed) {
     c->n_in = n_in;
     for (int i = 0; i < n_in; i++) {
-        float *f = random_floats(sizes[i], -1, 1, seed + (uint32_t)i);
+        float *f = tu_random_floats(sizes[i], -1, 1, seed + (uint32_t)i);
         c->in_n[i] = sizes[i];
-        c->in[i] = to_double(f, sizes[i]);
+        c->in[i] = tu_to_double(f, sizes[i]);
         free(f);
     }
 }
@@ -728,17 +694,17 @@ static void device_check(clh_ctx *ctx, const op_case *c, dev_forward fwd, dev_ba
         float *f = to_float(c->in[i], c->in_n[i]);
         tin[i] = tu_put(ctx, 3 + (size_t)i, c->in_ndim[i], c->in_shape[i], f);
         free(f);
-        g0[i] = random_floats(c->in_n[i], -1, 1, seed + 10 + (uint32_t)i);
-        gref[i] = alloc_doubles(c->in_n[i]);
+        g0[i] = tu_random_floats(c->in_n[i], -1, 1, seed + 10 + (uint32_t)i);
+        gref[i] = tu_alloc_doubles(c->in_n[i]);
     }
     clh_tensor *ty = tu_nan_tensor(ctx, c->out_ndim, c->out_shape);
     fwd(ctx, c, tin, ty);
-    double *want = alloc_doubles(c->out_n);
+    double *want = tu_alloc_doubles(c->out_n);
     c->forward(c, want);
     expect_close(c->name, ty, want, c->out_n, rel_tol(want, c->out_n) + GEMM_TOL * c->k_out);
 
-    float *dyf = random_floats(c->out_n, -1, 1, seed);
-    double *dy = to_double(dyf, c->out_n);
+    float *dyf = tu_random_floats(c->out_n, -1, 1, seed);
+    double *dy = tu_to_double(dyf, c->out_n);
     clh_tensor *tdy = tu_put(ctx, 1, c->out_ndim, c->out_shape, dyf);
     c->backward(c, dy, gref);
     for (int i = 0; i < c->n_in; i++)
@@ -746,7 +712,7 @@ static void device_check(clh_ctx *ctx, const op_case *c, dev_forward fwd, dev_ba
     for (int round = 1; round <= 2; round++) {
         bwd(ctx, c, tin, tdy, tg);
         for (int i = 0; i < c->n_in; i++) {
-            double *w = alloc_doubles(c->in_n[i]);
+            double *w = tu_alloc_doubles(c->in_n[i]);
             for (size_t e = 0; e < c->in_n[i]; e++)
                 w[e] = c->is_param[i] ? g0[i][e] + round * gref[i][e] : gref[i][e];
             expect_close(c->name, tg[i], w, c->in_n[i], round * grad_tol(c, i, gref[i], 1e-6));
@@ -943,8 +909,9 @@ static void test_activations_in_place(void **state) {
     for (int op = 0; op < 2; op++) {
         op_case c;
         act_setup(&c, 37, op, 980);
-        float *xf = to_float(c.in[0], 37), *dyf = random_floats(37, -1, 1, 981);
-        double *want = alloc_doubles(37), *dy = to_double(dyf, 37), *gx = alloc_doubles(37);
+        float *xf = to_float(c.in[0], 37), *dyf = tu_random_floats(37, -1, 1, 981);
+        double *want = tu_alloc_doubles(37), *dy = tu_to_double(dyf, 37),
+               *gx = tu_alloc_doubles(37);
         c.forward(&c, want);
         double *grads[1] = {gx};
         c.backward(&c, dy, grads);
@@ -984,7 +951,7 @@ static void test_windows_device(void **state) {
 /* Swin's shifted-window path round-trips: reverse(partition(roll(x, -s))) rolled by +s is x. */
 static void test_windows_round_trip(void **state) {
     TU_CTX_OR_SKIP(ctx);
-    float *xf = random_floats(2 * 8 * 12 * 3, -1, 1, 1200);
+    float *xf = tu_random_floats(2 * 8 * 12 * 3, -1, 1, 1200);
     clh_tensor *x = tu_put(ctx, 1, DIMS(2, 8, 12, 3), xf),
                *r = tu_nan_tensor(ctx, DIMS(2, 8, 12, 3));
     clh_tensor *w = tu_nan_tensor(ctx, DIMS(12, 16, 3)), *b = tu_nan_tensor(ctx, DIMS(2, 8, 12, 3));
@@ -1013,14 +980,14 @@ static double *read_fixture(clh_st_file *f, const char *cname, const char *tname
     float *buf = malloc(n * sizeof *buf);
     assert_non_null(buf);
     TU_OK(clh_st_read_f32(f, key, buf, n));
-    double *d = to_double(buf, n);
+    double *d = tu_to_double(buf, n);
     free(buf);
     return d;
 }
 
 /* max|got - want| / max|want| of a C reference result against torch. */
 static void expect_torch(const char *name, const double *got, const double *want, size_t n) {
-    double err = 0, mag = max_abs(want, n);
+    double err = 0, mag = tu_max_abs(want, n);
     for (size_t i = 0; i < n; i++)
         err = fmax(err, fabs(got[i] - want[i]));
     double rel = mag > 0 ? err / mag : err;
@@ -1041,7 +1008,7 @@ static void torch_case(clh_ctx *ctx, clh_st_file *f, const char *cname, op_case 
         c->in[i] = read_fixture(f, cname, in_names[i], c->in_n[i]);
         snprintf(gname, sizeof gname, "d%s", in_names[i]);
         torch_g[i] = read_fixture(f, cname, gname, c->in_n[i]);
-        ref_g[i] = alloc_doubles(c->in_n[i]);
+        ref_g[i] = tu_alloc_doubles(c->in_n[i]);
         float *xf = to_float(c->in[i], c->in_n[i]);
         tin[i] = tu_put(ctx, 1, c->in_ndim[i], c->in_shape[i], xf);
         free(xf);
@@ -1051,7 +1018,7 @@ static void torch_case(clh_ctx *ctx, clh_st_file *f, const char *cname, op_case 
     }
     double *ty_want = read_fixture(f, cname, "y", c->out_n);
     double *dy = read_fixture(f, cname, "dy", c->out_n);
-    double *y = alloc_doubles(c->out_n);
+    double *y = tu_alloc_doubles(c->out_n);
     c->forward(c, y);
     expect_torch(c->name, y, ty_want, c->out_n);
     c->backward(c, dy, ref_g);

@@ -10,19 +10,6 @@
 /* dims, shape in one go: T(ctx, DIMS(2, 3), data) */
 #define DIMS(...) NDIM(__VA_ARGS__), SHAPE(__VA_ARGS__)
 
-static float *random_floats(size_t n, float lo, float hi, uint32_t seed) {
-    float *x = malloc((n ? n : 1) * sizeof *x);
-    assert_non_null(x);
-    tu_fill_random(x, n, lo, hi, seed);
-    return x;
-}
-
-static float *alloc_floats(size_t n) {
-    float *x = calloc(n ? n : 1, sizeof *x);
-    assert_non_null(x);
-    return x;
-}
-
 static void assert_tensor_close(const clh_tensor *t, const float *want, size_t n, double rel,
                                 double abs_floor) {
     assert_int_equal(clh_tensor_numel(t), n);
@@ -72,8 +59,8 @@ static void check_gemm_case(clh_ctx *ctx, int ta, int tb) {
     size_t b_rows = tb ? n : k, b_cols = tb ? k : n, ldb = b_cols + 1;
     size_t ldc = n + 2;
     size_t na = a_rows * lda, nb = b_rows * ldb, nc = m * ldc;
-    float *a = random_floats(na, -1, 1, 11 + ta), *b = random_floats(nb, -2, 2, 21 + tb);
-    float *c = random_floats(nc, -1, 1, 31);
+    float *a = tu_random_floats(na, -1, 1, 11 + ta), *b = tu_random_floats(nb, -2, 2, 21 + tb);
+    float *c = tu_random_floats(nc, -1, 1, 31);
     clh_tensor *ta_t = tu_put(ctx, 5, DIMS((int64_t)na), a);
     clh_tensor *tb_t = tu_put(ctx, 0, DIMS((int64_t)nb), b);
     clh_tensor *tc_t = tu_put(ctx, 9, DIMS((int64_t)nc), c);
@@ -105,8 +92,8 @@ static void test_gemm_transposes(void **state) {
 
 /* beta = 0 must not read C: workspace temporaries may hold NaN from earlier use. */
 static void check_gemm_beta_zero(clh_ctx *ctx, size_t m, size_t n, size_t k) {
-    float *a = random_floats(m * k, -1, 1, 1), *b = random_floats(k * n, -1, 1, 2);
-    float *want = alloc_floats(m * n);
+    float *a = tu_random_floats(m * k, -1, 1, 1), *b = tu_random_floats(k * n, -1, 1, 2);
+    float *want = tu_alloc_floats(m * n);
     clh_tensor *ta = tu_put(ctx, 0, DIMS((int64_t)m, (int64_t)k), a);
     clh_tensor *tb = tu_put(ctx, 0, DIMS((int64_t)k, (int64_t)n), b);
     clh_tensor *tc = tu_nan_tensor(ctx, DIMS((int64_t)m, (int64_t)n));
@@ -136,8 +123,8 @@ static void test_gemm_batched(void **state) {
         size_t lda = ta ? m : k, ldb = tb ? k : n, ldc = n;
         size_t sa = m * k + 7, sb = k * n + 2, sc = m * n + 5; /* gaps between matrices */
         size_t na = batch * sa, nb = batch * sb, nc = batch * sc;
-        float *a = random_floats(na, -1, 1, 41), *b = random_floats(nb, -1, 1, 42);
-        float *c = random_floats(nc, -1, 1, 43);
+        float *a = tu_random_floats(na, -1, 1, 41), *b = tu_random_floats(nb, -1, 1, 42);
+        float *c = tu_random_floats(nc, -1, 1, 43);
         clh_tensor *ta_t = tu_put(ctx, 0, DIMS((int64_t)na), a);
         clh_tensor *tb_t = tu_put(ctx, 3, DIMS((int64_t)nb), b);
         clh_tensor *tc_t = tu_put(ctx, 0, DIMS((int64_t)nc), c);
@@ -195,8 +182,9 @@ static void ref_linear(const float *x, const float *w, const float *b, size_t ro
 static void test_linear(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t rows = 14, in = 77, out = 130;
-    float *x = random_floats(rows * in, -1, 1, 51), *w = random_floats(out * in, -0.5f, 0.5f, 52);
-    float *b = random_floats(out, -3, 3, 53), *want = alloc_floats(rows * out);
+    float *x = tu_random_floats(rows * in, -1, 1, 51),
+          *w = tu_random_floats(out * in, -0.5f, 0.5f, 52);
+    float *b = tu_random_floats(out, -3, 3, 53), *want = tu_alloc_floats(rows * out);
     clh_tensor *tx = tu_put(ctx, 3, DIMS(2, 7, (int64_t)in), x);
     clh_tensor *tw = tu_put(ctx, 0, DIMS((int64_t)out, (int64_t)in), w);
     clh_tensor *tb = tu_put(ctx, 1, DIMS((int64_t)out), b);
@@ -264,9 +252,9 @@ static void test_layer_norm(void **state) {
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         size_t rows = shapes[s].rows, cols = shapes[s].cols, n = rows * cols;
         float lo = shapes[s].centre - shapes[s].spread, hi = shapes[s].centre + shapes[s].spread;
-        float *x = random_floats(n, lo, hi, 60 + (uint32_t)s);
-        float *g = random_floats(cols, 0.5f, 1.5f, 70), *b = random_floats(cols, -1, 1, 71);
-        float *want = alloc_floats(n);
+        float *x = tu_random_floats(n, lo, hi, 60 + (uint32_t)s);
+        float *g = tu_random_floats(cols, 0.5f, 1.5f, 70), *b = tu_random_floats(cols, -1, 1, 71);
+        float *want = tu_alloc_floats(n);
         ref_layer_norm(x, g, b, rows, cols, 1e-5f, want);
         clh_tensor *tx = tu_put(ctx, 7, DIMS((int64_t)rows, (int64_t)cols), x);
         clh_tensor *tg = tu_put(ctx, 0, DIMS((int64_t)cols), g);
@@ -321,7 +309,7 @@ static void ref_softmax(const float *x, size_t rows, size_t lq, size_t lk, float
 static void check_softmax(clh_ctx *ctx, size_t batch, size_t lq, size_t lk, float scale,
                           int causal) {
     size_t rows = batch * lq, n = rows * lk;
-    float *x = random_floats(n, -8, 8, (uint32_t)(lq * 31 + lk)), *want = alloc_floats(n);
+    float *x = tu_random_floats(n, -8, 8, (uint32_t)(lq * 31 + lk)), *want = tu_alloc_floats(n);
     ref_softmax(x, rows, lq, lk, scale, causal, want);
     clh_tensor *tx = tu_put(ctx, 1, DIMS((int64_t)batch, (int64_t)lq, (int64_t)lk), x);
     clh_tensor *ty = tu_nan_tensor(ctx, DIMS((int64_t)batch, (int64_t)lq, (int64_t)lk));
@@ -354,7 +342,7 @@ static void test_softmax(void **state) {
 static void test_l2_normalize(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t rows = 7, cols = 77, n = rows * cols;
-    float *x = random_floats(n, -2, 2, 80), *want = alloc_floats(n);
+    float *x = tu_random_floats(n, -2, 2, 80), *want = tu_alloc_floats(n);
     for (size_t c = 0; c < cols; c++)
         x[3 * cols + c] = 0; /* a zero row stays zero, not NaN */
     for (size_t r = 0; r < rows; r++) {
@@ -418,8 +406,8 @@ static void ref_attention(const float *q, const float *k, const float *v, size_t
 static void check_attention(clh_ctx *ctx, size_t n, size_t lq, size_t lk, size_t d, int heads,
                             int causal) {
     size_t nq = n * lq * d, nk = n * lk * d;
-    float *q = random_floats(nq, -2, 2, 90), *k = random_floats(nk, -2, 2, 91);
-    float *v = random_floats(nk, -1, 1, 92), *want = alloc_floats(nq);
+    float *q = tu_random_floats(nq, -2, 2, 90), *k = tu_random_floats(nk, -2, 2, 91);
+    float *v = tu_random_floats(nk, -1, 1, 92), *want = tu_alloc_floats(nq);
     ref_attention(q, k, v, n, lq, lk, d, heads, causal, want);
     clh_tensor *tq = tu_put(ctx, 2, DIMS((int64_t)n, (int64_t)lq, (int64_t)d), q);
     clh_tensor *tk = tu_put(ctx, 0, DIMS((int64_t)n, (int64_t)lk, (int64_t)d), k);
@@ -468,7 +456,8 @@ static void test_attention_errors(void **state) {
 static void test_activations(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t n = 513;
-    float *x = random_floats(n, -6, 6, 100), *want_q = alloc_floats(n), *want_g = alloc_floats(n);
+    float *x = tu_random_floats(n, -6, 6, 100), *want_q = tu_alloc_floats(n),
+          *want_g = tu_alloc_floats(n);
     for (size_t i = 0; i < n; i++) {
         double v = x[i];
         want_q[i] = (float)(v / (1.0 + exp(-1.702 * v)));
@@ -495,8 +484,8 @@ static void test_activations(void **state) {
 static void test_adds(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t n_batch = 3, len = 7, dim = 5, n = n_batch * len * dim;
-    float *a = random_floats(n, -1, 1, 110), *b = random_floats(n, -1, 1, 111);
-    float *rows = random_floats(len * dim, -1, 1, 112), *want = alloc_floats(n);
+    float *a = tu_random_floats(n, -1, 1, 110), *b = tu_random_floats(n, -1, 1, 111);
+    float *rows = tu_random_floats(len * dim, -1, 1, 112), *want = tu_alloc_floats(n);
     clh_tensor *ta = tu_put(ctx, 1, DIMS((int64_t)n_batch, (int64_t)len, (int64_t)dim), a);
     clh_tensor *tb = tu_put(ctx, 6, DIMS((int64_t)n), b);
     clh_tensor *tr = tu_put(ctx, 2, DIMS((int64_t)len, (int64_t)dim), rows);
@@ -541,10 +530,10 @@ static void test_adds(void **state) {
 static void test_embedding_and_gather(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t vocab = 50, dim = 33;
-    float *table = random_floats(vocab * dim, -1, 1, 120);
+    float *table = tu_random_floats(vocab * dim, -1, 1, 120);
     const int32_t ids[] = {0, 49, 7, 7, 13, 1, 48};
     const size_t n = sizeof ids / sizeof ids[0];
-    float *want = alloc_floats(n * dim);
+    float *want = tu_alloc_floats(n * dim);
     for (size_t i = 0; i < n; i++)
         memcpy(want + i * dim, table + (size_t)ids[i] * dim, dim * sizeof(float));
     clh_tensor *tt = tu_put(ctx, 3, DIMS((int64_t)vocab, (int64_t)dim), table);
@@ -564,7 +553,7 @@ static void test_embedding_and_gather(void **state) {
     /* gather from a [2, 25, 33] sequence tensor viewed as 50 rows */
     clh_tensor *seq = tu_put(ctx, 0, DIMS(2, 25, (int64_t)dim), table);
     const int32_t index[] = {49, 0, 25, 24};
-    float *want_g = alloc_floats(4 * dim);
+    float *want_g = tu_alloc_floats(4 * dim);
     for (size_t i = 0; i < 4; i++)
         memcpy(want_g + i * dim, table + (size_t)index[i] * dim, dim * sizeof(float));
     TU_OK(clh_gather_rows(ctx, seq, index, 4, y4));
@@ -590,9 +579,9 @@ static void test_embedding_and_gather(void **state) {
 static void test_patch_embed(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const size_t nb = 2, ch = 3, h = 10, w = 15, p = 5, d = 7, gh = h / p, gw = w / p;
-    float *img = random_floats(nb * ch * h * w, -1, 1, 130);
-    float *wt = random_floats(d * ch * p * p, -0.2f, 0.2f, 131);
-    float *want = alloc_floats(nb * gh * gw * d);
+    float *img = tu_random_floats(nb * ch * h * w, -1, 1, 130);
+    float *wt = tu_random_floats(d * ch * p * p, -0.2f, 0.2f, 131);
+    float *want = tu_alloc_floats(nb * gh * gw * d);
     for (size_t b = 0; b < nb; b++)
         for (size_t py = 0; py < gh; py++)
             for (size_t px = 0; px < gw; px++)
@@ -688,7 +677,7 @@ static void test_bicubic(void **state) {
     for (size_t s = 0; s < sizeof cases / sizeof cases[0]; s++) {
         const int *k = cases[s];
         size_t nin = (size_t)k[0] * k[1] * k[2], nout = (size_t)k[0] * k[3] * k[4];
-        float *x = random_floats(nin, -3, 3, 140 + (uint32_t)s), *want = alloc_floats(nout);
+        float *x = tu_random_floats(nin, -3, 3, 140 + (uint32_t)s), *want = tu_alloc_floats(nout);
         ref_bicubic(x, k[0], k[1], k[2], k[3], k[4], want);
         if (k[1] == k[3] && k[2] == k[4]) /* same size: the identity */
             for (size_t i = 0; i < nin; i++)

@@ -154,6 +154,47 @@ static inline void tu_max_errors(const float *a, const float *b, size_t n, doubl
                      tu_e_, tu_tol_, tu_m_);                                                       \
     } while (0)
 
+/* Host arrays for tests (free() them). */
+static inline float *tu_random_floats(size_t n, float lo, float hi, uint32_t seed) {
+    float *x = malloc((n ? n : 1) * sizeof *x);
+    assert_non_null(x);
+    tu_fill_random(x, n, lo, hi, seed);
+    return x;
+}
+
+static inline float *tu_alloc_floats(size_t n) {
+    float *x = calloc(n ? n : 1, sizeof *x);
+    assert_non_null(x);
+    return x;
+}
+
+static inline double *tu_alloc_doubles(size_t n) {
+    double *x = calloc(n ? n : 1, sizeof *x);
+    assert_non_null(x);
+    return x;
+}
+
+static inline double *tu_to_double(const float *x, size_t n) {
+    double *y = tu_alloc_doubles(n);
+    for (size_t i = 0; i < n; i++)
+        y[i] = x[i];
+    return y;
+}
+
+static inline double tu_max_abs(const double *x, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++)
+        m = fmax(m, fabs(x[i]));
+    return m;
+}
+
+static inline double tu_dot(const double *a, const double *b, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
 /* Device tensor holding data (may be NULL: contents NaN); with offset > 0 it is a view that
  * starts `offset` elements into a NaN-filled buffer, so kernels must honour element
  * offsets and stay in bounds. */
