@@ -1,6 +1,8 @@
 /* Argument checks and launch helpers shared by the layer implementations. */
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "layer_util.h"
 
@@ -132,5 +134,20 @@ clh_status clh_launch_rows(clh_ctx *ctx, const char *kernel, size_t rows, int na
     CLH_TRY(clh_group_size(ctx, kernel, 256, local));
     size_t global[1] = {rows * local[0]};
     args[nargs - 1] = (clh_karg)CLH_KLOCAL(local[0] * sizeof(float));
+    return clh_launch(ctx, kernel, 1, global, local, nargs, args);
+}
+
+int clh_use_row_items(const clh_ctx *ctx) {
+    const char *mode = getenv("CLHCLIP_ROW_KERNELS");
+    if (mode && strcmp(mode, "item") == 0)
+        return 1;
+    if (mode && strcmp(mode, "group") == 0)
+        return 0;
+    return ctx->info.is_cpu;
+}
+
+clh_status clh_launch_row_items(clh_ctx *ctx, const char *kernel, size_t rows, int nargs,
+                                const clh_karg *args) {
+    size_t global[1] = {rows}, local[1] = {32};
     return clh_launch(ctx, kernel, 1, global, local, nargs, args);
 }

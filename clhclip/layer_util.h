@@ -51,6 +51,17 @@ clh_status clh_row_group_size(clh_ctx *ctx, const char *kernel, size_t *local); 
 clh_status clh_launch_rows(clh_ctx *ctx, const char *kernel, size_t rows, int nargs,
                            clh_karg *args);
 
+/* Row reductions (softmax, layer norm, L2 norm and their backward) have two kernel variants:
+ * one work-group per row with a local-memory tree (GPUs) and one work-item per row with
+ * vector loads (CPUs, where work-group barriers are slow). $CLHCLIP_ROW_KERNELS = item |
+ * group forces one (read per call); otherwise CPU devices get the item variant. */
+int clh_use_row_items(const clh_ctx *ctx);
+/* 1-D launch of an item-variant kernel over `rows` rows with small work-groups (32), which
+ * spread the rows evenly over the CPU cores; rows are independent, so results do not depend
+ * on the size. */
+clh_status clh_launch_row_items(clh_ctx *ctx, const char *kernel, size_t rows, int nargs,
+                                const clh_karg *args);
+
 #pragma GCC visibility pop
 
 #endif

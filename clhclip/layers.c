@@ -3,6 +3,8 @@
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "layer_util.h"
 
@@ -72,6 +74,8 @@ clh_status clh_layer_norm(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *g
     int rows = (int)(x->numel / (size_t)d), cols = (int)d;
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(gamma), CLH_KTENSOR(beta), CLH_KTENSOR(y),
                        CLH_KARG(rows), CLH_KARG(cols),     CLH_KARG(eps),     CLH_KLOCAL(0)};
+    if (clh_use_row_items(ctx))
+        return clh_launch_row_items(ctx, "layer_norm_item", (size_t)rows, 11, args);
     return clh_launch_rows(ctx, "layer_norm", (size_t)rows, 12, args);
 }
 
@@ -82,6 +86,8 @@ static clh_status softmax_rows(clh_ctx *ctx, const clh_tensor *x, clh_tensor *y,
     int causal_i = causal != 0;
     clh_karg args[] = {CLH_KTENSOR(x),   CLH_KTENSOR(y),  CLH_KARG(rows_i),   CLH_KARG(block_i),
                        CLH_KARG(cols_i), CLH_KARG(scale), CLH_KARG(causal_i), CLH_KLOCAL(0)};
+    if (clh_use_row_items(ctx))
+        return clh_launch_row_items(ctx, "softmax_item", rows, 9, args);
     return clh_launch_rows(ctx, "softmax", rows, 10, args);
 }
 
@@ -113,6 +119,8 @@ clh_status clh_l2_normalize(clh_ctx *ctx, const clh_tensor *x, clh_tensor *y) {
     int cols = (int)clh_last_dim(x), rows = (int)(x->numel / (size_t)cols);
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(y), CLH_KARG(rows), CLH_KARG(cols),
                        CLH_KLOCAL(0)};
+    if (clh_use_row_items(ctx))
+        return clh_launch_row_items(ctx, "l2_normalize_item", (size_t)rows, 6, args);
     return clh_launch_rows(ctx, "l2_normalize", (size_t)rows, 7, args);
 }
 

@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "hclip.h"
 #include "layer_util.h"
@@ -182,7 +183,10 @@ static clh_status layer_norm_backward_core(clh_ctx *ctx, const clh_tensor *x,
                        CLH_KTENSOR(dx_arg), CLH_KTENSOR(stats), CLH_KARG(rows_i),
                        CLH_KARG(cols_i),    CLH_KARG(eps),      CLH_KARG(write_dx),
                        CLH_KLOCAL(0)};
-    CLH_TRY(launch_groups(ctx, "layer_norm_backward_rows", rows, NARGS(args), args));
+    if (clh_use_row_items(ctx))
+        CLH_TRY(clh_launch_row_items(ctx, "layer_norm_backward_item", rows, NARGS(args) - 1, args));
+    else
+        CLH_TRY(launch_groups(ctx, "layer_norm_backward_rows", rows, NARGS(args), args));
     if (!dgamma && !dbeta)
         return CLH_OK;
 
@@ -225,6 +229,8 @@ static clh_status softmax_backward_rows(clh_ctx *ctx, const clh_tensor *y, const
     int rows_i = (int)rows, cols_i = (int)cols;
     clh_karg args[] = {CLH_KTENSOR(y),   CLH_KTENSOR(dy), CLH_KTENSOR(dx), CLH_KARG(rows_i),
                        CLH_KARG(cols_i), CLH_KARG(scale), CLH_KLOCAL(0)};
+    if (clh_use_row_items(ctx))
+        return clh_launch_row_items(ctx, "softmax_backward_item", rows, NARGS(args) - 1, args);
     return launch_groups(ctx, "softmax_backward_rows", rows, NARGS(args), args);
 }
 
@@ -444,6 +450,9 @@ clh_status clh_l2_normalize_backward(clh_ctx *ctx, const clh_tensor *x, const cl
     int cols = (int)clh_last_dim(x), rows = (int)(x->numel / (size_t)cols);
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(dy), CLH_KTENSOR(dx),
                        CLH_KARG(rows), CLH_KARG(cols),  CLH_KLOCAL(0)};
+    if (clh_use_row_items(ctx))
+        return clh_launch_row_items(ctx, "l2_normalize_backward_item", (size_t)rows,
+                                    NARGS(args) - 1, args);
     return launch_groups(ctx, "l2_normalize_backward_rows", (size_t)rows, NARGS(args), args);
 }
 

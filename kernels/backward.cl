@@ -189,6 +189,138 @@ __kernel void l2_normalize_backward_rows(__global const float *x, const int x_of
     }
 }
 
+/* ------------------------------------------------------------------ one row per work-item
+ * Variants of the three row kernels above for CPU devices, where work-group barriers are
+ * costly (the forward's *_item kernels in norm.cl explain the choice). Each work-item owns
+ * one row; sums keep 16 strided partial sums (float16 lanes) added in group_sum's tree order,
+ * then the tail columns. Per column, reads come before writes, so the same aliasing is
+ * allowed as above. */
+
+static float lanes_sum(float16 v) {
+    float8 a = v.lo + v.hi;
+    float4 b = a.lo + a.hi;
+    float2 c = b.lo + b.hi;
+    return c.lo + c.hi;
+}
+
+__kernel void layer_norm_backward_item(__global const float *x, const int x_off,
+                                       __global const float *gamma, const int gamma_off,
+                                       __global const float *dy, const int dy_off,
+                                       __global float *dx, const int dx_off,
+                                       __global float *stats, const int stats_off,
+                                       const int rows, const int cols, const float eps,
+                                       const int write_dx) {
+    int row = get_global_id(0);
+    if (row >= rows)
+        return;
+    __global const float *xr = x + x_off + row * cols;
+    __global const float *dyr = dy + dy_off + row * cols;
+    __global const float *gr = gamma + gamma_off;
+    int full = cols & ~15;
+
+    float16 acc = (float16)(0.0f);
+    for (int c = 0; c < full; c += 16)
+        acc += vload16(0, xr + c);
+    float tail = 0.0f;
+    for (int c = full; c < cols; c++)
+        tail += xr[c];
+    float mean = (lanes_sum(acc) + tail) / (float)cols;
+
+    acc = (float16)(0.0f);
+    for (int c = 0; c < full; c += 16) {
+        float16 d = vload16(0, xr + c) - mean;
+        acc += d * d;
+    }
+    tail = 0.0f;
+    for (int c = full; c < cols; c++) {
+        float d = xr[c] - mean;
+        tail += d * d;
+    }
+    float var = (lanes_sum(acc) + tail) / (float)cols;
+    float rstd = 1.0f / sqrt(var + eps);
+    stats[stats_off + 2 * row] = mean;
+    stats[stats_off + 2 * row + 1] = rstd;
+    if (!write_dx)
+        return;
+
+    float16 acc_g = (float16)(0.0f), acc_gx = (float16)(0.0f);
+    for (int c = 0; c < full; c += 16) {
+        float16 g = vload16(0, dyr + c) * vload16(0, gr + c);
+        acc_g += g;
+        acc_gx += g * (vload16(0, xr + c) - mean) * rstd;
+    }
+    float tail_g = 0.0f, tail_gx = 0.0f;
+    for (int c = full; c < cols; c++) {
+        float g = dyr[c] * gr[c];
+        tail_g += g;
+        tail_gx += g * (xr[c] - mean) * rstd;
+    }
+    float mean_g = (lanes_sum(acc_g) + tail_g) / (float)cols;
+    float mean_gx = (lanes_sum(acc_gx) + tail_gx) / (float)cols;
+    __global float *dxr = dx + dx_off + row * cols;
+    for (int c = 0; c < cols; c++) {
+        float xhat = (xr[c] - mean) * rstd;
+        dxr[c] = rstd * (dyr[c] * gr[c] - mean_g - xhat * mean_gx);
+    }
+}
+
+__kernel void softmax_backward_item(__global const float *y, const int y_off,
+                                    __global const float *dy, const int dy_off,
+                                    __global float *dx, const int dx_off, const int rows,
+                                    const int cols, const float scale) {
+    int row = get_global_id(0);
+    if (row >= rows)
+        return;
+    __global const float *yr = y + y_off + row * cols;
+    __global const float *dyr = dy + dy_off + row * cols;
+    __global float *dxr = dx + dx_off + row * cols;
+    int full = cols & ~15;
+    float16 acc = (float16)(0.0f);
+    for (int c = 0; c < full; c += 16)
+        acc += vload16(0, dyr + c) * vload16(0, yr + c);
+    float tail = 0.0f;
+    for (int c = full; c < cols; c++)
+        tail += dyr[c] * yr[c];
+    float dot = lanes_sum(acc) + tail;
+    for (int c = 0; c < cols; c++)
+        dxr[c] = scale * yr[c] * (dyr[c] - dot);
+}
+
+__kernel void l2_normalize_backward_item(__global const float *x, const int x_off,
+                                         __global const float *dy, const int dy_off,
+                                         __global float *dx, const int dx_off, const int rows,
+                                         const int cols) {
+    int row = get_global_id(0);
+    if (row >= rows)
+        return;
+    __global const float *xr = x + x_off + row * cols;
+    __global const float *dyr = dy + dy_off + row * cols;
+    __global float *dxr = dx + dx_off + row * cols;
+    int full = cols & ~15;
+    float16 acc_sq = (float16)(0.0f), acc_dot = (float16)(0.0f);
+    for (int c = 0; c < full; c += 16) {
+        float16 v = vload16(0, xr + c);
+        acc_sq += v * v;
+        acc_dot += v * vload16(0, dyr + c);
+    }
+    float sq = 0.0f, dot = 0.0f;
+    for (int c = full; c < cols; c++) {
+        sq += xr[c] * xr[c];
+        dot += xr[c] * dyr[c];
+    }
+    float norm = sqrt(lanes_sum(acc_sq) + sq);
+    dot = lanes_sum(acc_dot) + dot;
+    if (norm > 1e-12f) {
+        float inv = 1.0f / norm;
+        float proj = dot * inv * inv;
+        for (int c = 0; c < cols; c++)
+            dxr[c] = (dyr[c] - xr[c] * proj) * inv;
+    } else {
+        for (int c = 0; c < cols; c++)
+            dxr[c] = dyr[c] * 1e12f;
+    }
+}
+
 /* ------------------------------------------------------------------ activations */
 
 /* f(x) = x s(x), s = sigmoid(1.702 x): f' = s (1 + 1.702 x (1 - s)). dx may alias dy. */

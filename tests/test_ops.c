@@ -1,6 +1,7 @@
 /* Forward layers against plain C references (computed in double) on shapes that are
  * not multiples of work-group sizes; in-place and offset-view variants; shape and
  * argument errors. */
+#include "hclip.h"
 #include "testutil.h"
 
 #define TOL 1e-5 /* max abs error <= TOL * max |expected| (+ a small floor) */
@@ -368,6 +369,189 @@ static void test_l2_normalize(void **state) {
     free(want);
 }
 
+/* ------------------------------------------------------------------ row-kernel variants */
+
+/* Layer norm, softmax and L2 normalisation have two kernels each: one work-group per row
+ * (GPUs) and one work-item per row (CPUs). CLHCLIP_ROW_KERNELS=group|item forces one and
+ * is read on every call: the fixtures rerun the reference tests above under each variant,
+ * and the tests below run both on the same inputs. */
+static int force_group_rows(void **state) {
+    (void)state;
+    return setenv("CLHCLIP_ROW_KERNELS", "group", 1);
+}
+
+static int force_item_rows(void **state) {
+    (void)state;
+    return setenv("CLHCLIP_ROW_KERNELS", "item", 1);
+}
+
+static int auto_rows(void **state) {
+    (void)state;
+    return unsetenv("CLHCLIP_ROW_KERNELS");
+}
+
+#define VARIANT_REL 1e-6 /* the two variants differ only in the order of a row's sum */
+
+enum row_op {
+    ROW_LAYER_NORM,
+    ROW_SOFTMAX,
+    ROW_SOFTMAX_CAUSAL,
+    ROW_L2,
+    ROW_LAYER_NORM_BACKWARD,        /* dx, from x, gamma = g, dy = b */
+    ROW_LAYER_NORM_BACKWARD_PARAMS, /* dgamma then dbeta, from x, gamma = g, dy = b */
+    ROW_SOFTMAX_BACKWARD,           /* dx, from y = x, dy = b */
+    ROW_L2_BACKWARD,                /* dx, from x, dy = b */
+};
+
+/* dgamma and dbeta (accumulated onto zeros) of a layer norm backward, one after the other. */
+static float *layer_norm_param_grads(clh_ctx *ctx, clh_tensor *x, clh_tensor *g, clh_tensor *dy) {
+    size_t cols = clh_tensor_numel(g);
+    float *zeros = calloc(cols, sizeof(float)), *out = tu_alloc_floats(2 * cols);
+    clh_tensor *dg = tu_put(ctx, 0, DIMS((int64_t)cols), zeros);
+    clh_tensor *db = tu_put(ctx, 0, DIMS((int64_t)cols), zeros);
+    TU_OK(clh_layer_norm_backward(ctx, x, g, 1e-5f, dy, NULL, dg, db));
+    TU_OK(clh_tensor_download(dg, out, cols));
+    TU_OK(clh_tensor_download(db, out + cols, cols));
+    clh_tensor_release(dg);
+    clh_tensor_release(db);
+    free(zeros);
+    return out;
+}
+
+/* Runs op under the given variant (see enum row_op for the operands); host copy of the
+ * result, whose length goes to *n. */
+static float *run_row_op(clh_ctx *ctx, const char *variant, enum row_op op, clh_tensor *x,
+                         clh_tensor *g, clh_tensor *b, size_t *n) {
+    assert_int_equal(setenv("CLHCLIP_ROW_KERNELS", variant, 1), 0);
+    if (op == ROW_LAYER_NORM_BACKWARD_PARAMS) {
+        *n = 2 * clh_tensor_numel(g);
+        return layer_norm_param_grads(ctx, x, g, b);
+    }
+    int64_t shape[CLH_MAX_DIMS];
+    int ndim = clh_tensor_ndim(x);
+    for (int i = 0; i < ndim; i++)
+        shape[i] = clh_tensor_dim(x, i);
+    clh_tensor *y = tu_nan_tensor(ctx, ndim, shape);
+    switch (op) {
+        case ROW_LAYER_NORM:
+            TU_OK(clh_layer_norm(ctx, x, g, b, 1e-5f, y));
+            break;
+        case ROW_SOFTMAX:
+            TU_OK(clh_softmax(ctx, x, 0.125f, 0, y));
+            break;
+        case ROW_SOFTMAX_CAUSAL:
+            TU_OK(clh_softmax(ctx, x, 0.7f, 1, y));
+            break;
+        case ROW_L2:
+            TU_OK(clh_l2_normalize(ctx, x, y));
+            break;
+        case ROW_LAYER_NORM_BACKWARD:
+            TU_OK(clh_layer_norm_backward(ctx, x, g, 1e-5f, b, y, NULL, NULL));
+            break;
+        case ROW_SOFTMAX_BACKWARD:
+            TU_OK(clh_softmax_backward(ctx, x, b, 0.125f, y));
+            break;
+        case ROW_L2_BACKWARD:
+            TU_OK(clh_l2_normalize_backward(ctx, x, b, y));
+            break;
+        case ROW_LAYER_NORM_BACKWARD_PARAMS:
+            break; /* handled above */
+    }
+    *n = clh_tensor_numel(y);
+    float *out = tu_fetch(y);
+    clh_tensor_release(y);
+    return out;
+}
+
+/* Both variants agree within VARIANT_REL, and each gives bit-identical results run to run. */
+static void check_variants(clh_ctx *ctx, enum row_op op, clh_tensor *x, clh_tensor *g,
+                           clh_tensor *b) {
+    size_t n = 0, n_item = 0;
+    float *group = run_row_op(ctx, "group", op, x, g, b, &n);
+    float *item = run_row_op(ctx, "item", op, x, g, b, &n_item);
+    assert_int_equal(n, n_item);
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(item[i]) || !isfinite(group[i]))
+            fail_msg("op %d element %zu: group %g, item %g", (int)op, i, (double)group[i],
+                     (double)item[i]);
+    TU_ASSERT_CLOSE(item, group, n, VARIANT_REL, 0.0);
+    float *item2 = run_row_op(ctx, "item", op, x, g, b, &n_item);
+    float *group2 = run_row_op(ctx, "group", op, x, g, b, &n_item);
+    assert_memory_equal(item, item2, n * sizeof *item);
+    assert_memory_equal(group, group2, n * sizeof *group);
+    free(group);
+    free(item);
+    free(item2);
+    free(group2);
+}
+
+static void test_row_variants_agree(void **state) {
+    TU_CTX_OR_SKIP(ctx);
+    /* ViT-B/16-like widths (768 features, 577 tokens) and ragged ones; odd offsets make the
+     * rows unaligned for the item kernels' vector loads. Layer-norm inputs keep |mean| near
+     * their spread: with |mean| >> std, one float32 ulp of the row sum (which depends on the
+     * summation order) moves the output by more than 1e-6; test_layer_norm checks both
+     * variants on such rows against the double reference. */
+    static const struct {
+        size_t rows, cols;
+        float centre, spread;
+    } ln[] = {{50, 768, 3, 5}, {13, 77, -1, 2}, {7, 15, 0, 1}, {5, 1, 0, 1}};
+    for (size_t s = 0; s < sizeof ln / sizeof ln[0]; s++) {
+        size_t rows = ln[s].rows, cols = ln[s].cols;
+        float *x = tu_random_floats(rows * cols, ln[s].centre - ln[s].spread,
+                                    ln[s].centre + ln[s].spread, 90 + (uint32_t)s);
+        float *g = tu_random_floats(cols, 0.5f, 1.5f, 91), *b = tu_random_floats(cols, -1, 1, 92);
+        clh_tensor *tx = tu_put(ctx, 3, DIMS((int64_t)rows, (int64_t)cols), x);
+        clh_tensor *tg = tu_put(ctx, 1, DIMS((int64_t)cols), g);
+        clh_tensor *tb = tu_put(ctx, 5, DIMS((int64_t)cols), b);
+        check_variants(ctx, ROW_LAYER_NORM, tx, tg, tb);
+        check_variants(ctx, ROW_L2, tx, NULL, NULL);
+        float *dy = tu_random_floats(rows * cols, -1, 1, 95 + (uint32_t)s);
+        clh_tensor *tdy = tu_put(ctx, 2, DIMS((int64_t)rows, (int64_t)cols), dy);
+        check_variants(ctx, ROW_LAYER_NORM_BACKWARD, tx, tg, tdy);
+        check_variants(ctx, ROW_LAYER_NORM_BACKWARD_PARAMS, tx, tg, tdy);
+        check_variants(ctx, ROW_L2_BACKWARD, tx, NULL, tdy);
+        check_variants(ctx, ROW_SOFTMAX_BACKWARD, tx, NULL, tdy);
+        clh_tensor_release(tdy);
+        free(dy);
+        clh_tensor_release(tx);
+        clh_tensor_release(tg);
+        clh_tensor_release(tb);
+        free(x);
+        free(g);
+        free(b);
+    }
+    float *x = tu_random_floats(4 * 77 * 577, -40, 40, 93);
+    clh_tensor *scores = tu_put(ctx, 1, DIMS(4, 77, 577), x);
+    check_variants(ctx, ROW_SOFTMAX, scores, NULL, NULL);
+    clh_tensor_release(scores);
+    clh_tensor *causal = tu_put(ctx, 2, DIMS(3, 40, 37), x); /* rows past the last key too */
+    check_variants(ctx, ROW_SOFTMAX_CAUSAL, causal, NULL, NULL);
+    clh_tensor_release(causal);
+    free(x);
+    assert_int_equal(unsetenv("CLHCLIP_ROW_KERNELS"), 0);
+}
+
+/* An unknown CLHCLIP_ROW_KERNELS value means auto: the call still works. */
+static void test_row_variant_auto(void **state) {
+    TU_CTX_OR_SKIP(ctx);
+    float x[6] = {1, 2, 3, -1, 0, 1};
+    clh_tensor *tx = tu_put(ctx, 0, DIMS(2, 3), x);
+    assert_int_equal(setenv("CLHCLIP_ROW_KERNELS", "auto", 1), 0);
+    size_t n = 0;
+    float *a = run_row_op(ctx, "auto", ROW_SOFTMAX, tx, NULL, NULL, &n);
+    float *b = run_row_op(ctx, "bogus", ROW_SOFTMAX, tx, NULL, NULL, &n);
+    const char *expected = clh_ctx_device(ctx)->is_cpu ? "item" : "group";
+    float *want = run_row_op(ctx, expected, ROW_SOFTMAX, tx, NULL, NULL, &n);
+    assert_memory_equal(a, want, sizeof x);
+    assert_memory_equal(b, want, sizeof x);
+    free(a);
+    free(b);
+    free(want);
+    clh_tensor_release(tx);
+    assert_int_equal(unsetenv("CLHCLIP_ROW_KERNELS"), 0);
+}
+
 /* ------------------------------------------------------------------ attention */
 
 static void ref_attention(const float *q, const float *k, const float *v, size_t n, size_t lq,
@@ -725,6 +909,16 @@ int main(void) {
         cmocka_unit_test(test_layer_norm_errors),
         cmocka_unit_test(test_softmax),
         cmocka_unit_test(test_l2_normalize),
+        cmocka_unit_test_setup_teardown(test_layer_norm, force_group_rows, auto_rows),
+        cmocka_unit_test_setup_teardown(test_softmax, force_group_rows, auto_rows),
+        cmocka_unit_test_setup_teardown(test_l2_normalize, force_group_rows, auto_rows),
+        cmocka_unit_test_setup_teardown(test_attention, force_group_rows, auto_rows),
+        cmocka_unit_test_setup_teardown(test_layer_norm, force_item_rows, auto_rows),
+        cmocka_unit_test_setup_teardown(test_softmax, force_item_rows, auto_rows),
+        cmocka_unit_test_setup_teardown(test_l2_normalize, force_item_rows, auto_rows),
+        cmocka_unit_test_setup_teardown(test_attention, force_item_rows, auto_rows),
+        cmocka_unit_test_setup_teardown(test_row_variants_agree, NULL, auto_rows),
+        cmocka_unit_test_setup_teardown(test_row_variant_auto, NULL, auto_rows),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_errors),
         cmocka_unit_test(test_activations),
