@@ -9,7 +9,7 @@
 local paths = dofile((arg[0]:match("^(.*)/") or ".") .. "/lib_path.lua")
 local argparse = require "clhclip.argparse"
 
-local ALL = {"gemm", "attention", "vit224", "vit384", "text"}
+local ALL = {"gemm", "attention", "vit224", "vit384", "text", "train-tiny", "train"}
 local parser = argparse.new("scripts/bench.lua", "Benchmarks at the CLIP encoders' shapes.")
 parser:option("--what", {metavar = "LIST", default = "gemm,attention",
               help = "comma list of " .. table.concat(ALL, ",") .. " or all"})
@@ -21,7 +21,9 @@ parser:option("--model", {metavar = "DIR",
               help = "ViT-B/16-shaped CLIP model for vit224/vit384/text (random weights are " ..
                   "fine: python3 tests/reference/make_clip_fixtures.py --config vitb16_384 " ..
                   "--out /tmp/vitb16)"})
-parser:option("--prompts", {type = "integer", default = 171, help = "prompts for the text figure"})
+parser:option("--prompts", {type = "integer", default = 171,
+              help = "prompts for the text and train figures"})
+parser:flag("--recompute", {help = "train figures: recompute activations in the backward"})
 parser:option("--platform", {metavar = "P", help = "OpenCL platform index or name substring"})
 parser:option("--device", {metavar = "D", help = "OpenCL device index or name substring"})
 
@@ -156,6 +158,57 @@ local function bench_text(ctx, clh, opts, out, model)
     report(r)
 end
 
+
+-- Token id rows: SOT, 6-20 pseudo-random ids below eot, EOT, zero padding to `context`.
+local function prompt_ids(n, context, sot, eot)
+    local ids, seed = {}, 12345
+    for i = 1, n do
+        local row = {sot}
+        seed = (seed * 1103515245 + 12345) % 2147483648
+        for _ = 1, math.min(6 + seed % 15, context - 2) do
+            seed = (seed * 1103515245 + 12345) % 2147483648
+            row[#row + 1] = 1 + seed % (eot - 2)
+        end
+        row[#row + 1] = eot
+        while #row < context do row[#row + 1] = 0 end
+        ids[i] = row
+    end
+    return ids
+end
+
+-- One H-CLIP training step: forward of both towers (CAT-Seg dense output, two hooked
+-- blocks, text features), backward from constant output gradients, AdamW step, update.
+local function bench_train(ctx, clh, opts, out, model, id, size, block, hooks, n_prompts)
+    local cfg = model:config()
+    local hc = clh.hclip(model, {block_size = block, recompute = opts.recompute})
+    local adam = clh.adamw(ctx)
+    local group = adam:add_group {lr = 2e-6, weight_decay = 1e-4}
+    local params, grads = hc:parameters()
+    for i = 1, #params do adam:add(group, params[i], grads[i]) end
+    local px = clh.tensor({1, 3, size, size}, 0.1, ctx)
+    local ids = prompt_ids(n_prompts, cfg.max_positions, cfg.vocab_size - 2, cfg.eos_token_id)
+    local request = {pooled = false, dense = true, dense_last_layer = true, hooks = hooks}
+    local r = measure(ctx, clh, opts, function()
+        hc:zero_grad()
+        local o = hc:forward(px, request, ids, {train = true})
+        local g = {dense = clh.tensor(o.dense:shape(), 1e-3, ctx),
+                   text = clh.tensor(o.text:shape(), 1e-3, ctx), hooks = {}}
+        for _, b in ipairs(hooks) do g.hooks[b] = clh.tensor(o.hooks[b]:shape(), 1e-3, ctx) end
+        hc:backward(g)
+        adam:step()
+        hc:update()
+        grads[1]:totable() -- waits for the device
+    end)
+    r.id = id
+    r.name = string.format("%s training step %dx%d + %d prompts%s", id, size, size, n_prompts,
+                           opts.recompute and " (recompute)" or "")
+    out[#out + 1] = r
+    report(r)
+    px:free()
+    adam:free()
+    hc:free()
+end
+
 local ARRAY = {} -- metatable marking a table that is written as a JSON array even when empty
 
 local function json_value(v)
@@ -210,9 +263,14 @@ argparse.main(function()
     local out = {}
     if want.gemm then bench_gemm(ctx, clh, opts, out) end
     if want.attention then bench_attention(ctx, clh, opts, out) end
-    if want.vit224 or want.vit384 or want.text then
+    if want["train-tiny"] then
+        local tiny = clh.load_clip(paths.repo .. "/tests/fixtures/clip_tiny_p8", ctx)
+        bench_train(ctx, clh, opts, out, tiny, "train-tiny", 48, 16, {0, 1}, 8)
+        tiny:free()
+    end
+    if want.vit224 or want.vit384 or want.text or want.train then
         if not opts.model then
-            print("SKIP vit224/vit384/text: no --model DIR given (make a random ViT-B/16 one " ..
+            print("SKIP vit224/vit384/text/train: no --model DIR given (make a random ViT-B/16 one " ..
                       "with: python3 tests/reference/make_clip_fixtures.py --config vitb16_384 " ..
                       "--out /tmp/vitb16)")
         else
@@ -222,6 +280,9 @@ argparse.main(function()
             if want.vit224 then bench_vit(ctx, clh, opts, out, model, 224) end
             if want.vit384 then bench_vit(ctx, clh, opts, out, model, 384) end
             if want.text then bench_text(ctx, clh, opts, out, model) end
+            if want.train then
+                bench_train(ctx, clh, opts, out, model, "train", 384, 128, {3, 7}, opts.prompts)
+            end
             model:free()
         end
     end
