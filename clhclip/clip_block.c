@@ -156,26 +156,6 @@ static clh_status block_forward_body(clh_ctx *ctx, clip_scratch *s, const clip_l
     return mlp_forward(ctx, s, L, t, x2, a);
 }
 
-clh_status clip_block_forward(clh_ctx *ctx, const clip_layer *L, const clh_clip_tower_config *t,
-                              const clip_adapter *ad, clh_tensor *x, int causal,
-                              clip_block_acts *save) {
-    clip_block_acts local = {0};
-    clip_block_acts *a = save ? save : &local;
-    memset(a, 0, sizeof *a);
-    a->keep = save != NULL;
-    clip_scratch s = {0};
-    size_t mark = clh_ws_mark(ctx);
-    clh_status st = alloc_acts(ctx, &s, t, ad, clh_tensor_dim(x, 0), clh_tensor_dim(x, 1), a);
-    size_t temporaries = clh_ws_mark(ctx);
-    if (st == CLH_OK)
-        st = block_forward_body(ctx, &s, L, t, ad, x, causal, a);
-    clip_release_all(&s);
-    if (save && st != CLH_OK)
-        clip_block_acts_release(save);
-    clh_ws_reset(ctx, save && st == CLH_OK ? temporaries : mark);
-    return st;
-}
-
 /* ------------------------------------------------------------------ backward */
 
 /* dx2 [R, D]: in d(MLP output stream), out d(MLP input stream x_mid). */
@@ -323,24 +303,43 @@ static clh_status dense_forward_body(clh_ctx *ctx, clip_scratch *s, const clip_l
     return mlp_forward(ctx, s, L, t, y2, a);
 }
 
-clh_status clip_dense_block_forward(clh_ctx *ctx, const clip_layer *L,
-                                    const clh_clip_tower_config *t, const clip_adapter *ad,
-                                    const clh_tensor *x, clh_tensor *y, clip_block_acts *save) {
+/* Forward of a normal block (y == NULL: in place on x) or of the CAT-Seg dense block
+ * (x -> y) with the workspace discipline both share: every activation is allocated first;
+ * with saving on they stay on the workspace stack below the temporaries, which are dropped
+ * at the end; otherwise everything is dropped. */
+static clh_status run_block(clh_ctx *ctx, const clip_layer *L, const clh_clip_tower_config *t,
+                            const clip_adapter *ad, clh_tensor *x, clh_tensor *y, int causal,
+                            clip_block_acts *save) {
     clip_block_acts local = {0};
     clip_block_acts *a = save ? save : &local;
     memset(a, 0, sizeof *a);
     a->keep = save != NULL;
     clip_scratch s = {0};
     size_t mark = clh_ws_mark(ctx);
-    clh_status st = alloc_dense_acts(ctx, &s, t, ad, clh_tensor_dim(x, 0), clh_tensor_dim(x, 1), a);
+    int64_t n = clh_tensor_dim(x, 0), len = clh_tensor_dim(x, 1);
+    clh_status st =
+        y ? alloc_dense_acts(ctx, &s, t, ad, n, len, a) : alloc_acts(ctx, &s, t, ad, n, len, a);
     size_t temporaries = clh_ws_mark(ctx);
     if (st == CLH_OK)
-        st = dense_forward_body(ctx, &s, L, t, ad, x, y, a);
+        st = y ? dense_forward_body(ctx, &s, L, t, ad, x, y, a)
+               : block_forward_body(ctx, &s, L, t, ad, x, causal, a);
     clip_release_all(&s);
     if (save && st != CLH_OK)
         clip_block_acts_release(save);
     clh_ws_reset(ctx, save && st == CLH_OK ? temporaries : mark);
     return st;
+}
+
+clh_status clip_block_forward(clh_ctx *ctx, const clip_layer *L, const clh_clip_tower_config *t,
+                              const clip_adapter *ad, clh_tensor *x, int causal,
+                              clip_block_acts *save) {
+    return run_block(ctx, L, t, ad, x, NULL, causal, save);
+}
+
+clh_status clip_dense_block_forward(clh_ctx *ctx, const clip_layer *L,
+                                    const clh_clip_tower_config *t, const clip_adapter *ad,
+                                    const clh_tensor *x, clh_tensor *y, clip_block_acts *save) {
+    return run_block(ctx, L, t, ad, (clh_tensor *)x, y, 0, save);
 }
 
 /* dx[n, 0, :] += sum over tokens of dy[n, :, :] (the CLS residual's gradient), as one
