@@ -57,8 +57,9 @@ $(SHARED_LIB): $(LIB_OBJS)
 	$(CC) -shared -o $@ $^ $(LIBS)
 
 # The Lua module does not link liblua: lua5.4 exports the C API (toolchain.md 5).
-$(LUA_MODULE): lua/clhclip_lua.c $(STATIC_LIB) $(HEADERS)
-	$(CC) $(ALL_CFLAGS) $(LUA_CFLAGS) -shared -o $@ lua/clhclip_lua.c $(STATIC_LIB) $(LIBS)
+LUA_SRCS := $(sort $(wildcard lua/*.c))
+$(LUA_MODULE): $(LUA_SRCS) lua/binding.h $(STATIC_LIB) $(HEADERS)
+	$(CC) $(ALL_CFLAGS) $(LUA_CFLAGS) -Ilua -shared -o $@ $(LUA_SRCS) $(STATIC_LIB) $(LIBS)
 
 $(BUILD)/tests/%: tests/%.c tests/testutil.h $(STATIC_LIB)
 	@mkdir -p $(dir $@)
@@ -80,10 +81,10 @@ deps:
 	else echo "deps: missing$$missing; run 'sudo make deps'"; exit 1; fi
 
 format:
-	clang-format -i clhclip/*.c clhclip/*.h lua/*.c tests/*.c tests/*.h
+	clang-format -i clhclip/*.c clhclip/*.h lua/*.c lua/*.h tests/*.c tests/*.h
 
 check-format:
-	clang-format --dry-run --Werror clhclip/*.c clhclip/*.h lua/*.c tests/*.c tests/*.h
+	clang-format --dry-run --Werror clhclip/*.c clhclip/*.h lua/*.c lua/*.h tests/*.c tests/*.h
 
 clean:
 	rm -rf $(BUILD)

@@ -16,9 +16,6 @@
  *    collection when a context's device bytes pass a soft limit (torch7-style
  *    heap tracking, design-notes 1.1/3.13).
  */
-#include <lauxlib.h>
-#include <lua.h>
-
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +23,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "binding.h"
 #include "clhclip.h"
 #include "hclip.h"
 
@@ -48,19 +46,14 @@
 
 /* ================================================================== errors */
 
-static int raise_status(lua_State *L, clh_status st) {
+int clhl_raise_status(lua_State *L, clh_status st) {
     const char *msg = clh_last_error();
     if (!msg || !*msg)
         msg = clh_status_name(st);
     return luaL_error(L, "%s", msg);
 }
 
-#define CHECK(L, expr)                                                                             \
-    do {                                                                                           \
-        clh_status check_st_ = (expr);                                                             \
-        if (check_st_ != CLH_OK)                                                                   \
-            raise_status((L), check_st_);                                                          \
-    } while (0)
+#define CHECK(L, expr) CLHL_CHECK(L, expr)
 
 /* A GC-managed scratch buffer on the stack top (freed with the stack on error). */
 static void *scratch(lua_State *L, size_t bytes) {
@@ -2930,8 +2923,8 @@ static const luaL_Reg module_funcs[] = {
 
 /* Metatable `tname` with metamethods `meta` and methods `methods` (as __index unless
  * meta sets its own __index, in which case they go to the "methods" field). */
-static void new_class(lua_State *L, const char *tname, const luaL_Reg *meta,
-                      const luaL_Reg *methods) {
+void clhl_new_class(lua_State *L, const char *tname, const luaL_Reg *meta,
+                    const luaL_Reg *methods) {
     luaL_newmetatable(L, tname);
     luaL_setfuncs(L, meta, 0);
     lua_newtable(L);
@@ -2963,18 +2956,18 @@ static void store_module_dir(lua_State *L) {
 
 int luaopen_clhclip(lua_State *L) {
     store_module_dir(L);
-    new_class(L, CTX_MT, ctx_meta, ctx_methods);
+    clhl_new_class(L, CTX_MT, ctx_meta, ctx_methods);
     luaL_getmetatable(L, CTX_MT);
     lua_getfield(L, -1, "__index");
     luaL_setfuncs(L, ctx_ctor_methods, 0);
     lua_pop(L, 2);
-    new_class(L, TENSOR_MT, tensor_meta, tensor_methods);
-    new_class(L, STFILE_MT, st_meta, st_methods);
-    new_class(L, TOKENIZER_MT, tok_meta, tok_methods);
-    new_class(L, IMAGE_MT, img_meta, img_methods);
-    new_class(L, CLIP_MT, clip_meta, clip_methods);
-    new_class(L, ADAMW_MT, adamw_meta, adamw_methods);
-    new_class(L, HCLIP_MT, hclip_meta, hclip_methods);
+    clhl_new_class(L, TENSOR_MT, tensor_meta, tensor_methods);
+    clhl_new_class(L, STFILE_MT, st_meta, st_methods);
+    clhl_new_class(L, TOKENIZER_MT, tok_meta, tok_methods);
+    clhl_new_class(L, IMAGE_MT, img_meta, img_methods);
+    clhl_new_class(L, CLIP_MT, clip_meta, clip_methods);
+    clhl_new_class(L, ADAMW_MT, adamw_meta, adamw_methods);
+    clhl_new_class(L, HCLIP_MT, hclip_meta, hclip_methods);
 
     luaL_newlib(L, module_funcs);
     lua_pushstring(L, CLHCLIP_VERSION);
@@ -3002,5 +2995,6 @@ int luaopen_clhclip(lua_State *L) {
         lua_setfield(L, -2, r->name);
     }
     lua_setfield(L, -2, "safe");
+    clhl_open_data(L);
     return 1;
 }

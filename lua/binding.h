@@ -1,0 +1,31 @@
+/*
+ * Shared pieces of the Lua binding, which is split into one file per area
+ * (clhclip_lua.c: contexts, tensors, models; clhclip_data_lua.c: datasets and metrics).
+ * Every part only converts types and errors.
+ */
+#ifndef CLHCLIP_LUA_BINDING_H
+#define CLHCLIP_LUA_BINDING_H
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "clhclip.h"
+
+/* Raise a Lua error carrying clh_last_error() (or the status name). Does not return. */
+int clhl_raise_status(lua_State *L, clh_status st);
+
+#define CLHL_CHECK(L, expr)                                                                        \
+    do {                                                                                           \
+        clh_status clhl_check_st_ = (expr);                                                        \
+        if (clhl_check_st_ != CLH_OK)                                                              \
+            clhl_raise_status((L), clhl_check_st_);                                                \
+    } while (0)
+
+/* Register a userdata class: metatable tname with meta (may hold __index) and methods. */
+void clhl_new_class(lua_State *L, const char *tname, const luaL_Reg *meta, const luaL_Reg *methods);
+
+/* Add the dataset, augmentation and metrics functions to the module table on the stack
+ * top (clhclip_data_lua.c). */
+void clhl_open_data(lua_State *L);
+
+#endif
