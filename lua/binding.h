@@ -6,6 +6,8 @@
 #ifndef CLHCLIP_LUA_BINDING_H
 #define CLHCLIP_LUA_BINDING_H
 
+#include <stdint.h>
+
 #include <lauxlib.h>
 #include <lua.h>
 
@@ -23,6 +25,18 @@ int clhl_raise_status(lua_State *L, clh_status st);
 
 /* Register a userdata class: metatable tname with meta (may hold __index) and methods. */
 void clhl_new_class(lua_State *L, const char *tname, const luaL_Reg *meta, const luaL_Reg *methods);
+
+/* Buffers of the clhclip.Batch userdata at idx (raises a Lua error if it is not a live
+ * batch). Pixels: size * 3 * crop * crop CLIP-normalised floats, layout [size, 3, crop,
+ * crop]; labels: size * crop * crop int32 class ids (255 = ignore), [size, crop, crop].
+ * The pointers stay valid until the batch is freed or collected (clhclip_data_lua.c). */
+const float *clhl_batch_pixels(lua_State *L, int idx, int *size, int *crop);
+const int32_t *clhl_batch_labels(lua_State *L, int idx, int *size, int *crop);
+
+/* Push a new empty clhclip.Label userdata (ids NULL, freed with it); fill it with
+ * clh_label_map_new. */
+struct clh_label_map;
+struct clh_label_map *clhl_push_label(lua_State *L);
 
 /* Add the dataset, augmentation and metrics functions to the module table on the stack
  * top (clhclip_data_lua.c). */
