@@ -248,6 +248,24 @@ typedef struct clh_train_state {
  * hash of the base weights. extra_json (may be NULL) is stored as metadata "extra". */
 clh_status clh_hclip_save_checkpoint(clh_hclip *h, clh_adamw *opt, const clh_train_state *state,
                                      const char *extra_json, const char *path);
+/* More tensors (e.g. a segmentation head) saved and restored with the adapters, and more
+ * metadata entries (saved only). Loading checks their shapes and restores all of them or
+ * none. */
+typedef struct clh_ckpt_more {
+    int n;
+    const char *const *names;
+    clh_tensor *const *tensors;
+    int n_meta;
+    const char *const *meta_keys;
+    const char *const *meta_values;
+} clh_ckpt_more;
+
+clh_status clh_hclip_save_checkpoint_more(clh_hclip *h, clh_adamw *opt,
+                                          const clh_train_state *state, const char *extra_json,
+                                          const clh_ckpt_more *more, const char *path);
+clh_status clh_hclip_load_checkpoint_more(clh_hclip *h, clh_adamw *opt, clh_train_state *state,
+                                          const clh_ckpt_more *more, const char *path);
+
 /* Restore P, A, B (and opt's state when given, and *state when non-NULL), then
  * clh_hclip_update. A checkpoint made for other base weights or another adapter
  * configuration is CLH_ERR_INVALID_ARGUMENT with a message naming the difference. */

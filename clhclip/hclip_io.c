@@ -255,13 +255,17 @@ static clh_status save_optimizer(clh_st_writer *w, clh_adamw *opt) {
 }
 
 static clh_status save_body(clh_hclip *h, clh_adamw *opt, const clh_train_state *state,
-                            const char *extra, clh_st_writer *w) {
+                            const char *extra, const clh_ckpt_more *more, clh_st_writer *w) {
     for (int i = 0; i < clh_hclip_num_params(h); i++) {
         const char *name;
         clh_tensor *p;
         CLH_TRY(clh_hclip_param(h, i, &name, &p, NULL));
         CLH_TRY(put_tensor(w, name, p));
     }
+    for (int i = 0; more && i < more->n; i++)
+        CLH_TRY(put_tensor(w, more->names[i], more->tensors[i]));
+    for (int i = 0; more && i < more->n_meta; i++)
+        CLH_TRY(clh_st_writer_set_metadata(w, more->meta_keys[i], more->meta_values[i]));
     if (opt)
         CLH_TRY(save_optimizer(w, opt));
     char *cfg = adapter_config_json(h);
@@ -285,11 +289,17 @@ static clh_status save_body(clh_hclip *h, clh_adamw *opt, const clh_train_state 
 
 clh_status clh_hclip_save_checkpoint(clh_hclip *h, clh_adamw *opt, const clh_train_state *state,
                                      const char *extra_json, const char *path) {
+    return clh_hclip_save_checkpoint_more(h, opt, state, extra_json, NULL, path);
+}
+
+clh_status clh_hclip_save_checkpoint_more(clh_hclip *h, clh_adamw *opt,
+                                          const clh_train_state *state, const char *extra_json,
+                                          const clh_ckpt_more *more, const char *path) {
     if (!h || !path)
         return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT, "clh_hclip_save_checkpoint: NULL argument");
     clh_st_writer *w;
     CLH_TRY(clh_st_writer_new(&w));
-    clh_status st = save_body(h, opt, state, extra_json, w);
+    clh_status st = save_body(h, opt, state, extra_json, more, w);
     if (st == CLH_OK)
         st = clh_st_writer_save(w, path);
     clh_st_writer_free(w);
@@ -417,14 +427,16 @@ static clh_status stage(stage_list *l, const clh_st_file *f, const char *path, c
     return CLH_OK;
 }
 
-static clh_status stage_all(clh_hclip *h, clh_adamw *opt, const clh_st_file *f, const char *path,
-                            stage_list *l) {
+static clh_status stage_all(clh_hclip *h, clh_adamw *opt, const clh_ckpt_more *more,
+                            const clh_st_file *f, const char *path, stage_list *l) {
     for (int i = 0; i < clh_hclip_num_params(h); i++) {
         const char *name;
         clh_tensor *p;
         CLH_TRY(clh_hclip_param(h, i, &name, &p, NULL));
         CLH_TRY(stage(l, f, path, name, p));
     }
+    for (int i = 0; more && i < more->n; i++)
+        CLH_TRY(stage(l, f, path, more->names[i], more->tensors[i]));
     if (!opt)
         return CLH_OK;
     uint64_t n;
@@ -456,10 +468,11 @@ static clh_status apply(clh_hclip *h, const stage_list *l, int backups) {
 /* Everything is read and checked before the device changes; a failure while applying
  * restores the previous values, so a bad checkpoint loses nothing. */
 static clh_status load_body(clh_hclip *h, clh_adamw *opt, clh_train_state *state,
-                            const clh_st_file *f, const char *path, stage_list *l) {
+                            const clh_ckpt_more *more, const clh_st_file *f, const char *path,
+                            stage_list *l) {
     uint64_t t = 0, step = 0, seed = 0, counter = 0;
     CLH_TRY(check_identity(h, f, path));
-    CLH_TRY(stage_all(h, opt, f, path, l));
+    CLH_TRY(stage_all(h, opt, more, f, path, l));
     if (opt)
         CLH_TRY(meta_u64(f, path, "adamw_t", &t));
     if (state) {
@@ -489,12 +502,17 @@ static clh_status load_body(clh_hclip *h, clh_adamw *opt, clh_train_state *state
 
 clh_status clh_hclip_load_checkpoint(clh_hclip *h, clh_adamw *opt, clh_train_state *state,
                                      const char *path) {
+    return clh_hclip_load_checkpoint_more(h, opt, state, NULL, path);
+}
+
+clh_status clh_hclip_load_checkpoint_more(clh_hclip *h, clh_adamw *opt, clh_train_state *state,
+                                          const clh_ckpt_more *more, const char *path) {
     if (!h || !path)
         return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT, "clh_hclip_load_checkpoint: NULL argument");
     clh_st_file *f;
     CLH_TRY(clh_st_open(path, &f));
     stage_list staged_tensors = {0};
-    clh_status st = load_body(h, opt, state, f, path, &staged_tensors);
+    clh_status st = load_body(h, opt, state, more, f, path, &staged_tensors);
     stage_free(&staged_tensors);
     clh_st_close(f);
     return st;

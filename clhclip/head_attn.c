@@ -319,6 +319,12 @@ clh_status clh_permute_0213(clh_ctx *ctx, const clh_tensor *x, int64_t d0, int64
     if (d3 == 1 && d1 > 1 && d2 > 1 && tiles_fit(ctx))
         return transpose_tiles(ctx, x, d0, d1, d2, y);
     int i1 = (int)d1, i2 = (int)d2, i3 = (int)d3, total = (int)x->numel;
+    if (d3 >= 16) { /* runs of d3 contiguous elements: one work-item each */
+        int runs = (int)(d0 * d1 * d2);
+        clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(y), CLH_KARG(i1),
+                           CLH_KARG(i2),   CLH_KARG(i3),   CLH_KARG(runs)};
+        return clh_launch_1d(ctx, "hattn_permute_runs", (size_t)runs, NARGS(args), args);
+    }
     clh_karg args[] = {CLH_KTENSOR(x), CLH_KTENSOR(y), CLH_KARG(i1),
                        CLH_KARG(i2),   CLH_KARG(i3),   CLH_KARG(total)};
     return clh_launch_1d(ctx, "hattn_permute_0213", x->numel, NARGS(args), args);

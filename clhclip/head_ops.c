@@ -152,36 +152,58 @@ static clh_status check_conv2d(clh_ctx *ctx, const char *fn, const clh_tensor *x
     return check_shape_against(ctx, fn, "x", x, y_name, y, 4, want);
 }
 
-/* col = im2col(image n of x) (or a view of the image for pointwise convolutions). */
-static clh_status conv_columns(clh_ctx *ctx, const clh_tensor *x, const conv_geom *g, int n,
-                               clh_tensor *col_buf, clh_tensor **col) {
+/* Images per chunk: the column buffer [chunk, C kh kw, P] stays under this many floats. */
+#define CONV_CHUNK_FLOATS ((size_t)1 << 24)
+
+static int conv_chunk(const conv_geom *g) {
+    size_t per = g->rows * g->pixels, n = per ? CONV_CHUNK_FLOATS / per : 1;
+    if (n < 1)
+        n = 1;
+    return n > (size_t)g->n ? g->n : (int)n;
+}
+
+/* col = im2col of images first .. first+count-1 of x, image i's matrix at element
+ * i * img_stride, rows row_stride apart (see head_im2col_batch). */
+static clh_status conv_columns(clh_ctx *ctx, const clh_tensor *x, const conv_geom *g, int first,
+                               int count, int img_stride, int row_stride, clh_tensor *col) {
+    int x_off = (int)(x->offset + (size_t)first * g->c * g->h * g->w);
+    clh_karg args[] = {CLH_KARG(x->mem),     CLH_KARG(x_off),      CLH_KARG(g->c),
+                       CLH_KARG(g->h),       CLH_KARG(g->w),       CLH_KARG(g->kh),
+                       CLH_KARG(g->kw),      CLH_KARG(g->stride),  CLH_KARG(g->pad),
+                       CLH_KARG(g->out_h),   CLH_KARG(g->out_w),   CLH_KARG(count),
+                       CLH_KARG(img_stride), CLH_KARG(row_stride), CLH_KTENSOR(col)};
+    return clh_launch_1d(ctx, "head_im2col_batch", (size_t)count * g->rows * g->out_h, NARGS(args),
+                         args);
+}
+
+/* The column matrices of a chunk: a view of x itself for pointwise convolutions. */
+static clh_status chunk_columns(clh_ctx *ctx, const clh_tensor *x, const conv_geom *g, int first,
+                                int count, clh_tensor *buf, clh_tensor **col) {
     size_t image = (size_t)g->c * g->h * g->w;
     if (conv_is_pointwise(g))
-        return matrix_view(x, n * image, g->rows, g->pixels, col);
-    int x_off = (int)(x->offset + n * image);
-    clh_karg args[] = {CLH_KARG(x->mem),   CLH_KARG(x_off),     CLH_KARG(g->c),
-                       CLH_KARG(g->h),     CLH_KARG(g->w),      CLH_KARG(g->kh),
-                       CLH_KARG(g->kw),    CLH_KARG(g->stride), CLH_KARG(g->pad),
-                       CLH_KARG(g->out_h), CLH_KARG(g->out_w),  CLH_KTENSOR(col_buf)};
-    CLH_TRY(clh_launch_1d(ctx, "head_im2col", g->rows * g->pixels, NARGS(args), args));
-    clh_tensor_retain(col_buf);
-    *col = col_buf;
+        return matrix_view(x, first * image, (size_t)count * g->rows, g->pixels, col);
+    CLH_TRY(conv_columns(ctx, x, g, first, count, (int)(g->rows * g->pixels), (int)g->pixels, buf));
+    clh_tensor_retain(buf);
+    *col = buf;
     return CLH_OK;
 }
 
+/* y_n [O, P] = w [O, C kh kw] col_n [C kh kw, P], a chunk of images per batched GEMM. */
 static clh_status conv2d_images(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *w,
                                 const conv_geom *g, clh_tensor *col_buf, clh_tensor *y) {
     size_t out_image = (size_t)g->o * g->pixels;
+    int chunk = conv_chunk(g);
     clh_status st = CLH_OK;
-    for (int n = 0; n < g->n && st == CLH_OK; n++) {
+    for (int n = 0; n < g->n && st == CLH_OK; n += chunk) {
+        int count = g->n - n < chunk ? g->n - n : chunk;
         clh_tensor *col = NULL, *yn = NULL;
-        st = conv_columns(ctx, x, g, n, col_buf, &col);
+        st = chunk_columns(ctx, x, g, n, count, col_buf, &col);
         if (st == CLH_OK)
-            st = matrix_view(y, n * out_image, g->o, g->pixels, &yn);
-        /* y_n [O, P] = w [O, C kh kw] col [C kh kw, P] */
+            st = matrix_view(y, n * out_image, (size_t)count * g->o, g->pixels, &yn);
         if (st == CLH_OK)
-            st = clh_gemm(ctx, 0, 0, g->o, g->pixels, g->rows, 1.0f, w, g->rows, col, g->pixels,
-                          0.0f, yn, g->pixels);
+            st = clh_gemm_batched(ctx, 0, 0, g->o, g->pixels, g->rows, 1.0f, w, g->rows, 0, col,
+                                  g->pixels, g->rows * g->pixels, 0.0f, yn, g->pixels, out_image,
+                                  (size_t)count);
         clh_tensor_release(col);
         clh_tensor_release(yn);
     }
@@ -214,7 +236,8 @@ clh_status clh_conv2d_forward(clh_ctx *ctx, const clh_tensor *x, const clh_tenso
     CLH_TRY(clh_check_no_alias(ctx, fn, "y", y, "w", w));
     size_t mark = clh_ws_mark(ctx);
     clh_tensor *col_buf = NULL;
-    clh_status st = ws_matrix(ctx, g.rows, g.pixels, conv_is_pointwise(&g), &col_buf);
+    clh_status st =
+        ws_matrix(ctx, (size_t)conv_chunk(&g) * g.rows, g.pixels, conv_is_pointwise(&g), &col_buf);
     if (st == CLH_OK)
         st = conv2d_images(ctx, x, w, &g, col_buf, y);
     if (st == CLH_OK && b)
@@ -249,47 +272,82 @@ static clh_status check_conv2d_backward(clh_ctx *ctx, const char *fn, const clh_
     return CLH_OK;
 }
 
-/* dx_n = col2im(w^T dy_n) for one image; dcol is workspace [C kh kw, P]. */
-static clh_status conv2d_input_grad(clh_ctx *ctx, const clh_tensor *w, const clh_tensor *dyn,
-                                    const conv_geom *g, int n, clh_tensor *dcol, clh_tensor *dx) {
-    size_t image = (size_t)g->c * g->h * g->w;
-    if (conv_is_pointwise(g)) {
-        clh_tensor *dxn = NULL;
-        clh_status st = matrix_view(dx, n * image, g->rows, g->pixels, &dxn);
-        if (st == CLH_OK)
-            st = clh_gemm(ctx, 1, 0, g->rows, g->pixels, g->o, 1.0f, w, g->rows, dyn, g->pixels,
-                          0.0f, dxn, g->pixels);
-        clh_tensor_release(dxn);
+/* dx of a chunk: dcol_n = w^T dy_n (batched), then col2im (pointwise: straight into dx). */
+static clh_status conv2d_input_grad(clh_ctx *ctx, const clh_tensor *w, const clh_tensor *dy,
+                                    const conv_geom *g, int first, int count, clh_tensor *dcol,
+                                    clh_tensor *dx) {
+    size_t image = (size_t)g->c * g->h * g->w, out_image = (size_t)g->o * g->pixels;
+    clh_tensor *dyc = NULL, *target = NULL;
+    clh_status st = matrix_view(dy, first * out_image, (size_t)count * g->o, g->pixels, &dyc);
+    int pointwise = conv_is_pointwise(g);
+    if (st == CLH_OK && pointwise)
+        st = matrix_view(dx, first * image, (size_t)count * g->rows, g->pixels, &target);
+    if (st == CLH_OK)
+        st = clh_gemm_batched(ctx, 1, 0, g->rows, g->pixels, g->o, 1.0f, w, g->rows, 0, dyc,
+                              g->pixels, out_image, 0.0f, pointwise ? target : dcol, g->pixels,
+                              g->rows * g->pixels, (size_t)count);
+    clh_tensor_release(dyc);
+    clh_tensor_release(target);
+    if (st != CLH_OK || pointwise)
         return st;
-    }
-    CLH_TRY(clh_gemm(ctx, 1, 0, g->rows, g->pixels, g->o, 1.0f, w, g->rows, dyn, g->pixels, 0.0f,
-                     dcol, g->pixels));
-    int dx_off = (int)(dx->offset + n * image);
-    clh_karg args[] = {CLH_KTENSOR(dcol),   CLH_KARG(g->c),    CLH_KARG(g->h),
-                       CLH_KARG(g->w),      CLH_KARG(g->kh),   CLH_KARG(g->kw),
-                       CLH_KARG(g->stride), CLH_KARG(g->pad),  CLH_KARG(g->out_h),
-                       CLH_KARG(g->out_w),  CLH_KARG(dx->mem), CLH_KARG(dx_off)};
-    return clh_launch_1d(ctx, "head_col2im", image, NARGS(args), args);
+    int dx_off = (int)(dx->offset + first * image);
+    clh_karg args[] = {CLH_KTENSOR(dcol),   CLH_KARG(g->c),   CLH_KARG(g->h),
+                       CLH_KARG(g->w),      CLH_KARG(g->kh),  CLH_KARG(g->kw),
+                       CLH_KARG(g->stride), CLH_KARG(g->pad), CLH_KARG(g->out_h),
+                       CLH_KARG(g->out_w),  CLH_KARG(count),  CLH_KARG(dx->mem),
+                       CLH_KARG(dx_off)};
+    return clh_launch_1d(ctx, "head_col2im_batch", (size_t)count * g->c * g->h, NARGS(args), args);
 }
 
-/* Per image: dw += dy_n col_n^T, then dx_n (the column buffer is reused for dcol). */
+/* dw += sum_n dy_n col_n^T for a chunk as one GEMM over the chunk's pixels: the columns are
+ * written as [C kh kw, count P] and dy is permuted to [O, count P]. */
+static clh_status conv2d_weight_grad(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *dy,
+                                     const conv_geom *g, int first, int count, clh_tensor *buf,
+                                     clh_tensor *dw) {
+    size_t out_image = (size_t)g->o * g->pixels, k = (size_t)count * g->pixels;
+    size_t mark = clh_ws_mark(ctx);
+    clh_tensor *colp = NULL, *dyp = NULL, *dyc = NULL;
+    clh_status st = CLH_OK;
+    if (conv_is_pointwise(g)) /* x's chunk is [count, C, P]: permute it like dy */
+        st = ws_matrix(ctx, g->rows, k, 0, &colp);
+    else
+        st = matrix_view(buf, 0, g->rows, k, &colp);
+    if (st == CLH_OK && conv_is_pointwise(g)) {
+        clh_tensor *xc = NULL;
+        st = matrix_view(x, first * g->rows * g->pixels, (size_t)count * g->rows, g->pixels, &xc);
+        if (st == CLH_OK)
+            st = clh_permute_0213(ctx, xc, 1, count, (int64_t)g->rows, (int64_t)g->pixels, colp);
+        clh_tensor_release(xc);
+    } else if (st == CLH_OK) {
+        st = conv_columns(ctx, x, g, first, count, (int)g->pixels, (int)k, colp);
+    }
+    if (st == CLH_OK)
+        st = ws_matrix(ctx, g->o, k, 0, &dyp);
+    if (st == CLH_OK)
+        st = matrix_view(dy, first * out_image, (size_t)count * g->o, g->pixels, &dyc);
+    if (st == CLH_OK)
+        st = clh_permute_0213(ctx, dyc, 1, count, g->o, (int64_t)g->pixels, dyp);
+    if (st == CLH_OK)
+        st = clh_gemm(ctx, 0, 1, g->o, g->rows, k, 1.0f, dyp, k, colp, k, 1.0f, dw, g->rows);
+    clh_tensor *all[] = {colp, dyp, dyc};
+    for (int i = 0; i < 3; i++)
+        clh_tensor_release(all[i]);
+    clh_ws_reset(ctx, mark);
+    return st;
+}
+
+/* Per chunk of images: dw, then dx (the column buffer is reused for dcol). */
 static clh_status conv2d_backward_images(clh_ctx *ctx, const clh_tensor *x, const clh_tensor *w,
                                          const clh_tensor *dy, const conv_geom *g, clh_tensor *buf,
                                          clh_tensor *dx, clh_tensor *dw) {
-    size_t out_image = (size_t)g->o * g->pixels;
+    int chunk = conv_chunk(g);
     clh_status st = CLH_OK;
-    for (int n = 0; n < g->n && st == CLH_OK; n++) {
-        clh_tensor *col = NULL, *dyn = NULL;
-        st = matrix_view(dy, n * out_image, g->o, g->pixels, &dyn);
-        if (st == CLH_OK && dw)
-            st = conv_columns(ctx, x, g, n, buf, &col);
-        if (st == CLH_OK && dw)
-            st = clh_gemm(ctx, 0, 1, g->o, g->rows, g->pixels, 1.0f, dyn, g->pixels, col, g->pixels,
-                          1.0f, dw, g->rows);
+    for (int n = 0; n < g->n && st == CLH_OK; n += chunk) {
+        int count = g->n - n < chunk ? g->n - n : chunk;
+        if (dw)
+            st = conv2d_weight_grad(ctx, x, dy, g, n, count, buf, dw);
         if (st == CLH_OK && dx)
-            st = conv2d_input_grad(ctx, w, dyn, g, n, buf, dx);
-        clh_tensor_release(col);
-        clh_tensor_release(dyn);
+            st = conv2d_input_grad(ctx, w, dy, g, n, count, buf, dx);
     }
     return st;
 }
@@ -306,7 +364,8 @@ clh_status clh_conv2d_backward(clh_ctx *ctx, const clh_tensor *x, const clh_tens
         return CLH_OK;
     size_t mark = clh_ws_mark(ctx);
     clh_tensor *buf = NULL;
-    clh_status st = ws_matrix(ctx, g.rows, g.pixels, conv_is_pointwise(&g), &buf);
+    clh_status st =
+        ws_matrix(ctx, (size_t)conv_chunk(&g) * g.rows, g.pixels, conv_is_pointwise(&g), &buf);
     if (st == CLH_OK)
         st = conv2d_backward_images(ctx, x, w, dy, &g, buf, dx, dw);
     clh_tensor_release(buf);

@@ -426,3 +426,69 @@ __kernel void head_roll2d(__global const float *x, const int x_off, const int he
     int sh = (h - shift_h + height) % height, sw = (w - shift_w + width) % width;
     y[y_off + idx] = x[x_off + ((n * height + sh) * width + sw) * chans + c];
 }
+
+/* head_im2col for `images` consecutive images at once. One work-item per (image, row of the
+ * column matrix, output line) walks the output line, so that the index arithmetic (integer
+ * division is slow on CPU devices) is paid once per line. col[img * img_stride +
+ * row * row_stride + pixel]: [images, C kh kw, P] with (C kh kw P, P), or [C kh kw, images P]
+ * with (P, images P). 1-D range over images * C kh kw * out_h. */
+__kernel void head_im2col_batch(__global const float *x, const int x_off, const int channels,
+                                const int height, const int width, const int kh, const int kw,
+                                const int stride, const int pad, const int out_h,
+                                const int out_w, const int images, const int img_stride,
+                                const int row_stride, __global float *col, const int col_off) {
+    int gid = get_global_id(0);
+    int rows = channels * kh * kw;
+    if (gid >= images * rows * out_h)
+        return;
+    int oh = gid % out_h, r = gid / out_h;
+    int img = r / rows, row = r - img * rows;
+    int c = row / (kh * kw), ij = row - c * (kh * kw);
+    int i = ij / kw, j = ij - i * kw;
+    int ih = oh * stride - pad + i;
+    __global float *dst = col + col_off + img * img_stride + row * row_stride + oh * out_w;
+    if (ih < 0 || ih >= height) {
+        for (int ow = 0; ow < out_w; ow++)
+            dst[ow] = 0.0f;
+        return;
+    }
+    __global const float *src = x + x_off + ((img * channels + c) * height + ih) * width;
+    for (int ow = 0; ow < out_w; ow++) {
+        int iw = ow * stride - pad + j;
+        dst[ow] = iw >= 0 && iw < width ? src[iw] : 0.0f;
+    }
+}
+
+/* head_col2im for `images` consecutive images: dcol [images, C kh kw, out_h out_w] ->
+ * dx [images, C, H, W] (overwritten). One work-item per (image, channel, input line).
+ * 1-D range over images * C * H. */
+__kernel void head_col2im_batch(__global const float *dcol, const int dcol_off,
+                                const int channels, const int height, const int width,
+                                const int kh, const int kw, const int stride, const int pad,
+                                const int out_h, const int out_w, const int images,
+                                __global float *dx, const int dx_off) {
+    int gid = get_global_id(0);
+    if (gid >= images * channels * height)
+        return;
+    int ih = gid % height, r = gid / height;
+    int img = r / channels, c = r - img * channels;
+    int pixels = out_h * out_w;
+    __global const float *base =
+        dcol + dcol_off + ((size_t)img * channels + c) * kh * kw * pixels;
+    __global float *dst = dx + dx_off + gid * width;
+    for (int iw = 0; iw < width; iw++)
+        dst[iw] = 0.0f;
+    for (int i = 0; i < kh; i++) {
+        int th = ih + pad - i;
+        if (th < 0 || th % stride != 0 || th / stride >= out_h)
+            continue;
+        for (int j = 0; j < kw; j++) {
+            __global const float *line = base + (i * kw + j) * pixels + (th / stride) * out_w;
+            for (int iw = 0; iw < width; iw++) {
+                int tw = iw + pad - j;
+                if (tw >= 0 && tw % stride == 0 && tw / stride < out_w)
+                    dst[iw] += line[tw / stride];
+            }
+        }
+    }
+}

@@ -427,6 +427,22 @@ __kernel void hattn_permute_0213(__global const float *x, const int x_off, __glo
     y[y_off + idx] = x[x_off + ((a * d1 + b) * d2 + c) * d3 + d];
 }
 
+/* The same for long runs (d3 large): one work-item copies a run of d3 elements, so that the
+ * index arithmetic is paid once per run. 1-D range over d0 * d2 * d1 runs of y. */
+__kernel void hattn_permute_runs(__global const float *x, const int x_off, __global float *y,
+                                 const int y_off, const int d1, const int d2, const int d3,
+                                 const int runs) {
+    int r = get_global_id(0);
+    if (r >= runs)
+        return;
+    int b = r % d1, rest = r / d1;
+    int c = rest % d2, a = rest / d2;
+    __global const float *src = x + x_off + ((a * d1 + b) * d2 + c) * d3;
+    __global float *dst = y + y_off + r * d3;
+    for (int d = 0; d < d3; d++)
+        dst[d] = src[d];
+}
+
 #define HATTN_TILE 16
 
 /* Batched transpose x [d0, rows, cols] -> y [d0, cols, rows] through a 16 x 17 local tile

@@ -25,7 +25,9 @@
 
 #include "binding.h"
 #include "clhclip.h"
+#include "data.h"
 #include "hclip.h"
+#include "segmodel.h"
 
 #define CTX_MT       "clhclip.Context"
 #define TENSOR_MT    "clhclip.Tensor"
@@ -35,6 +37,7 @@
 #define STFILE_MT    "clhclip.SafetensorsFile"
 #define ADAMW_MT     "clhclip.AdamW"
 #define HCLIP_MT     "clhclip.HCLIP"
+#define SEGMODEL_MT  "clhclip.SegModel"
 
 #define REG_DEFAULT_CTX "clhclip.default_context"
 #define REG_DEFAULT_TOK "clhclip.default_tokenizer"
@@ -2471,7 +2474,7 @@ static int hclip_export_folded(lua_State *L) {
 
 /* Option 'optimizer' of the table at idx: an AdamW, or a table holding one in its field
  * 'optimizer' (an optim state or optim.AdamW); NULL when absent. Stays on the stack. */
-static clh_adamw *opt_optimizer(lua_State *L, int idx, HclipBox *hb) {
+static clh_adamw *opt_optimizer(lua_State *L, int idx, const CtxBox *owner) {
     if (lua_isnoneornil(L, idx) || lua_getfield(L, idx, "optimizer") == LUA_TNIL)
         return NULL;
     if (lua_istable(L, -1))
@@ -2484,7 +2487,7 @@ static clh_adamw *opt_optimizer(lua_State *L, int idx, HclipBox *hb) {
                    luaL_typename(L, -1));
     if (!b->opt)
         luaL_error(L, "option 'optimizer': optimizer was freed");
-    if (b->owner != hb->owner)
+    if (b->owner != owner)
         luaL_error(L, "option 'optimizer' belongs to another context");
     return b->opt;
 }
@@ -2497,7 +2500,7 @@ static int hclip_save(lua_State *L) {
     const char *path = luaL_checkstring(L, 2);
     check_opt_table(L, 3);
     lua_settop(L, 3);
-    clh_adamw *opt = opt_optimizer(L, 3, hb);
+    clh_adamw *opt = opt_optimizer(L, 3, hb->owner);
     clh_train_state state = {.step = opt ? clh_adamw_steps(opt) : 0, .rng = default_rng};
     int has_step = 0, with_state = 1;
     const char *extra = NULL;
@@ -2535,7 +2538,7 @@ static int hclip_load(lua_State *L) {
     const char *path = luaL_checkstring(L, 2);
     check_opt_table(L, 3);
     lua_settop(L, 3);
-    clh_adamw *opt = opt_optimizer(L, 3, hb);
+    clh_adamw *opt = opt_optimizer(L, 3, hb->owner);
     int restore_rng = opt_bool(L, 3, "rng", 1);
     /* Peek at the metadata: a training state is optional in the format. */
     StBox *sb = lua_newuserdatauv(L, sizeof *sb, 0);
@@ -2885,6 +2888,421 @@ static const luaL_Reg ctx_ctor_methods[] = {
     {NULL, NULL},
 };
 
+/* ================================================================== segmentation model */
+
+typedef struct SegBox {
+    clh_segmodel *m;
+    CtxBox *owner;
+} SegBox;
+
+enum { SEG_UV_CLIP = 1, SEG_UV_CTX = 2 };
+
+static SegBox *check_seg(lua_State *L, int idx) {
+    SegBox *b = luaL_checkudata(L, idx, SEGMODEL_MT);
+    if (!b->m)
+        luaL_error(L, "segmentation model was freed");
+    return b;
+}
+
+static int opt_pair(lua_State *L, int idx, const char *key, int *out) {
+    if (lua_getfield(L, idx, key) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    if (!lua_istable(L, -1) || luaL_len(L, -1) != 2)
+        luaL_error(L, "option '%s' must be an array of two integers", key);
+    for (int i = 0; i < 2; i++)
+        out[i] = (int)table_int(L, lua_gettop(L), i + 1, key);
+    lua_pop(L, 1);
+    return 1;
+}
+
+/* Head fields of the table at idx over the defaults in *c (missing keys keep them). */
+static void read_head_config(lua_State *L, int idx, clh_cathead_config *c) {
+    struct {
+        const char *k;
+        int *v;
+    } ints[] = {{"d_img", &c->d_img},         {"d_vis", &c->d_vis},
+                {"n_prompts", &c->n_prompts}, {"hidden", &c->hidden},
+                {"heads", &c->heads},         {"appearance_proj", &c->appearance_proj},
+                {"text_proj", &c->text_proj}, {"gn_group_size", &c->gn_group_size},
+                {"window", &c->window},       {"pad_len", &c->pad_len},
+                {"mlp_ratio", &c->mlp_ratio}, {"n_layers", &c->n_layers}};
+    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++)
+        *ints[i].v = (int)opt_int(L, idx, ints[i].k, *ints[i].v);
+    opt_pair(L, idx, "guidance_up", c->guidance_up);
+    opt_pair(L, idx, "decoder_guidance_proj", c->decoder_guidance_proj);
+    opt_pair(L, idx, "decoder", c->decoder);
+}
+
+static void push_int_pair(lua_State *L, const int *v) {
+    lua_createtable(L, 2, 0);
+    for (int i = 0; i < 2; i++) {
+        lua_pushinteger(L, v[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+static void push_head_config(lua_State *L, const clh_cathead_config *c) {
+    lua_createtable(L, 0, 16);
+    const struct {
+        const char *k;
+        int v;
+    } ints[] = {{"d_img", c->d_img},         {"d_vis", c->d_vis},
+                {"n_prompts", c->n_prompts}, {"hidden", c->hidden},
+                {"heads", c->heads},         {"appearance_proj", c->appearance_proj},
+                {"text_proj", c->text_proj}, {"gn_group_size", c->gn_group_size},
+                {"window", c->window},       {"pad_len", c->pad_len},
+                {"mlp_ratio", c->mlp_ratio}, {"n_layers", c->n_layers}};
+    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) {
+        lua_pushinteger(L, ints[i].v);
+        lua_setfield(L, -2, ints[i].k);
+    }
+    push_int_pair(L, c->guidance_up);
+    lua_setfield(L, -2, "guidance_up");
+    push_int_pair(L, c->decoder_guidance_proj);
+    lua_setfield(L, -2, "decoder_guidance_proj");
+    push_int_pair(L, c->decoder);
+    lua_setfield(L, -2, "decoder");
+}
+
+static void push_seg_options(lua_State *L, const clh_segmodel_options *o) {
+    lua_createtable(L, 0, 6);
+    lua_pushinteger(L, o->image_size);
+    lua_setfield(L, -2, "image_size");
+    push_int_pair(L, o->hooks);
+    lua_setfield(L, -2, "hooks");
+    push_head_config(L, &o->head);
+    lua_setfield(L, -2, "head");
+    lua_createtable(L, 0, 4);
+    lua_pushinteger(L, o->adapter.block_size);
+    lua_setfield(L, -2, "block_size");
+    lua_pushstring(L, ortho_name(o->adapter.ortho));
+    lua_setfield(L, -2, "ortho");
+    lua_pushboolean(L, !o->adapter.no_modality_map);
+    lua_setfield(L, -2, "modality_map");
+    lua_pushboolean(L, !o->adapter.no_layer_map);
+    lua_setfield(L, -2, "layer_map");
+    lua_setfield(L, -2, "adapter");
+}
+
+static void read_seg_options(lua_State *L, int idx, const clh_clip *clip, clh_segmodel_options *o) {
+    clh_segmodel_options_default(o);
+    clh_cathead_config_for_clip(clh_clip_get_config(clip), &o->head);
+    o->adapter.block_size = 128;
+    if (lua_isnoneornil(L, idx))
+        return;
+    o->image_size = (int)opt_int(L, idx, "image_size", 384);
+    opt_pair(L, idx, "hooks", o->hooks);
+    o->seed = (uint64_t)opt_int(L, idx, "seed", 0);
+    if (lua_getfield(L, idx, "head") == LUA_TTABLE)
+        read_head_config(L, lua_gettop(L), &o->head);
+    lua_pop(L, 1);
+    if (lua_getfield(L, idx, "adapter") == LUA_TTABLE) {
+        int a = lua_gettop(L);
+        o->adapter.block_size = (int)opt_int(L, a, "block_size", 128);
+        o->adapter.ortho = check_ortho(L, a);
+        o->adapter.no_modality_map = !opt_bool(L, a, "modality_map", 1);
+        o->adapter.no_layer_map = !opt_bool(L, a, "layer_map", 1);
+        o->adapter.recompute = opt_bool(L, a, "recompute", 0);
+    }
+    lua_pop(L, 1);
+}
+
+/* clh.segmodel(clip[, {image_size=384, hooks={3, 7} (0-based vision blocks; default L/3-1, 2L/3-1),
+ * seed=0, head={...}, adapter={...}}]) -> SegModel */
+static int l_segmodel(lua_State *L) {
+    ClipBox *mb = check_clip_box(L, 1);
+    check_opt_table(L, 2);
+    lua_settop(L, 2);
+    clh_segmodel_options o;
+    read_seg_options(L, 2, mb->m, &o);
+    SegBox *b = lua_newuserdatauv(L, sizeof *b, 2);
+    memset(b, 0, sizeof *b);
+    luaL_setmetatable(L, SEGMODEL_MT);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, SEG_UV_CLIP);
+    lua_getiuservalue(L, 1, CLIP_UV_CTX);
+    lua_setiuservalue(L, -2, SEG_UV_CTX);
+    clh_segmodel *m = NULL;
+    CHECK(L, clh_segmodel_new(mb->m, &o, &m));
+    b->m = m;
+    b->owner = mb->owner;
+    b->owner->children++;
+    gc_pressure(L, b->owner);
+    return 1;
+}
+
+/* clh.segmodel_options(path) -> options table (as clh.segmodel takes) and the templates,
+ * read from a checkpoint or a folded export's head.safetensors. */
+static int l_segmodel_options(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    clh_segmodel_options o;
+    char *templ = NULL;
+    CHECK(L, clh_segmodel_checkpoint_options(path, &o, &templ));
+    push_seg_options(L, &o);
+    if (templ)
+        lua_pushstring(L, templ);
+    else
+        lua_pushnil(L);
+    free(templ);
+    return 2;
+}
+
+static int seg_free(lua_State *L) {
+    SegBox *b = luaL_checkudata(L, 1, SEGMODEL_MT);
+    if (b->m) {
+        clh_segmodel_free(b->m);
+        b->m = NULL;
+        ctx_release_child(b->owner);
+        b->owner = NULL;
+    }
+    return 0;
+}
+
+/* Array of strings at idx -> scratch array of C strings (kept alive by the table). */
+static const char **string_array(lua_State *L, int idx, int *n, const char *what) {
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_Integer len = luaL_len(L, idx);
+    if (len < 1 || len > 1000000)
+        luaL_error(L, "%s must be a non-empty array of strings", what);
+    const char **out = scratch(L, (size_t)len * sizeof *out);
+    for (lua_Integer i = 1; i <= len; i++) {
+        lua_rawgeti(L, idx, i);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "%s[%d] must be a string (got %s)", what, (int)i, luaL_typename(L, -1));
+        out[i - 1] = lua_tostring(L, -1);
+        lua_pop(L, 1); /* the string stays referenced by the table */
+    }
+    *n = (int)len;
+    return out;
+}
+
+/* m:set_templates{"A photo of a {} in the scene"} */
+static int seg_set_templates(lua_State *L) {
+    SegBox *b = check_seg(L, 1);
+    int n;
+    const char **t = string_array(L, 2, &n, "templates");
+    CHECK(L, clh_segmodel_set_templates(b->m, t, n));
+    return 0;
+}
+
+/* m:set_classes(names[, tokenizer]) (default tokenizer: the CLIP vocabulary). */
+static int seg_set_classes(lua_State *L) {
+    SegBox *b = check_seg(L, 1);
+    int n;
+    const char **names = string_array(L, 2, &n, "classes");
+    clh_tokenizer *tok = lua_isnoneornil(L, 3) ? push_default_tokenizer(L) : check_tok(L, 3);
+    CHECK(L, clh_segmodel_set_classes(b->m, tok, names, n));
+    return 0;
+}
+
+static int seg_num_classes(lua_State *L) {
+    lua_pushinteger(L, clh_segmodel_num_classes(check_seg(L, 1)->m));
+    return 1;
+}
+
+/* m:train_step(batch[, {pool=2, ignore=255, exclude_ignored=false}]) -> mean loss */
+static int seg_train_step(lua_State *L) {
+    SegBox *b = check_seg(L, 1);
+    int size, crop;
+    const float *px = clhl_batch_pixels(L, 2, &size, &crop);
+    const int32_t *labels = clhl_batch_labels(L, 2, &size, &crop);
+    check_opt_table(L, 3);
+    int want = clh_segmodel_get_options(b->m)->image_size;
+    if (crop != want)
+        luaL_error(L, "train_step: the batch crop is %d, the model takes %d", crop, want);
+    clh_seg_train_options o = {.pool = 2, .loss = {255, 0}};
+    if (!lua_isnoneornil(L, 3)) {
+        o.pool = (int)opt_int(L, 3, "pool", 2);
+        o.loss.ignore_label = (int)opt_int(L, 3, "ignore", 255);
+        o.loss.exclude_ignored = opt_bool(L, 3, "exclude_ignored", 0);
+    }
+    double loss = 0;
+    CHECK(L, clh_segmodel_train_step(b->m, px, labels, size, &o, &loss));
+    lua_pushnumber(L, loss);
+    return 1;
+}
+
+/* m:parameters() -> array of {name=, param=Tensor, grad=Tensor, clip=bool, no_decay=bool} */
+static int seg_parameters(lua_State *L) {
+    SegBox *b = check_seg(L, 1);
+    lua_settop(L, 1);
+    lua_getiuservalue(L, 1, SEG_UV_CTX);
+    int ctx_idx = lua_gettop(L);
+    int n = clh_segmodel_num_params(b->m);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        const char *name;
+        clh_tensor *p, *g;
+        int is_clip, no_decay;
+        CHECK(L, clh_segmodel_param(b->m, i, &name, &p, &g, &is_clip, &no_decay));
+        lua_createtable(L, 0, 5);
+        lua_pushstring(L, name);
+        lua_setfield(L, -2, "name");
+        clh_tensor *both[2] = {p, g};
+        const char *keys[2] = {"param", "grad"};
+        for (int k = 0; k < 2; k++) {
+            TensorBox *tb = lua_newuserdatauv(L, sizeof *tb, 2);
+            tb->t = NULL;
+            tb->owner = NULL;
+            luaL_setmetatable(L, TENSOR_MT);
+            lua_pushvalue(L, ctx_idx);
+            lua_setiuservalue(L, -2, 1);
+            lua_pushvalue(L, 1); /* keeps the model alive */
+            lua_setiuservalue(L, -2, 2);
+            clh_tensor_retain(both[k]);
+            tensor_adopt(L, tb, both[k], b->owner);
+            lua_setfield(L, -2, keys[k]);
+        }
+        lua_pushboolean(L, is_clip);
+        lua_setfield(L, -2, "clip");
+        lua_pushboolean(L, no_decay);
+        lua_setfield(L, -2, "no_decay");
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static int seg_zero_grad(lua_State *L) {
+    CHECK(L, clh_segmodel_zero_grad(check_seg(L, 1)->m));
+    return 0;
+}
+
+static int seg_update(lua_State *L) {
+    CHECK(L, clh_segmodel_update(check_seg(L, 1)->m));
+    return 0;
+}
+
+/* m:predict(image[, {sliding=true}]) -> Label map (image size), scores {per class max} */
+static int seg_predict(lua_State *L) {
+    SegBox *b = check_seg(L, 1);
+    clh_image *img = check_image(L, 2);
+    check_opt_table(L, 3);
+    clh_seg_predict_options o = {.sliding = 1};
+    if (!lua_isnoneornil(L, 3))
+        o.sliding = opt_bool(L, 3, "sliding", 1);
+    int t = clh_segmodel_num_classes(b->m);
+    if (t < 1)
+        luaL_error(L, "predict: set the classes first (m:set_classes)");
+    float *scores = scratch(L, (size_t)t * sizeof *scores);
+    clh_label_map *map = clhl_push_label(L);
+    CHECK(L, clh_label_map_new(img->width, img->height, 0, map));
+    CHECK(L, clh_segmodel_predict(b->m, img, &o, map->ids, scores));
+    lua_createtable(L, t, 0);
+    for (int i = 0; i < t; i++) {
+        lua_pushnumber(L, scores[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 2;
+}
+
+/* m:save(path[, {optimizer=, step=, extra=json}]) (the default RNG state is stored) */
+static int seg_save(lua_State *L) {
+    SegBox *b = check_seg(L, 1);
+    const char *path = luaL_checkstring(L, 2);
+    check_opt_table(L, 3);
+    lua_settop(L, 3);
+    clh_adamw *opt = opt_optimizer(L, 3, b->owner);
+    clh_train_state state = {.step = opt ? clh_adamw_steps(opt) : 0, .rng = default_rng};
+    const char *extra = NULL;
+    if (!lua_isnil(L, 3)) {
+        state.step = (long)opt_int(L, 3, "step", state.step);
+        int t = lua_getfield(L, 3, "extra");
+        if (t == LUA_TSTRING)
+            extra = lua_tostring(L, -1);
+        else if (t != LUA_TNIL)
+            luaL_error(L, "option 'extra' must be a (JSON) string (got %s)", luaL_typename(L, -1));
+    }
+    luaL_argcheck(L, state.step >= 0, 3, "step must be >= 0");
+    CHECK(L, clh_segmodel_save(b->m, opt, &state, extra, path));
+    return 0;
+}
+
+/* m:load(path[, {optimizer=}]) -> {step=, extra=}; a folded export's head.safetensors
+ * loads the head only. */
+static int seg_load(lua_State *L) {
+    SegBox *b = check_seg(L, 1);
+    const char *path = luaL_checkstring(L, 2);
+    check_opt_table(L, 3);
+    lua_settop(L, 3);
+    clh_adamw *opt = opt_optimizer(L, 3, b->owner);
+    StBox *sb = lua_newuserdatauv(L, sizeof *sb, 0);
+    sb->f = NULL;
+    luaL_setmetatable(L, STFILE_MT);
+    clh_st_file *f = NULL;
+    CHECK(L, clh_st_open(path, &f));
+    sb->f = f;
+    const char *format = clh_st_metadata(f, "format");
+    int head_only = format && strcmp(format, "clhclip-seghead") == 0;
+    const char *extra = clh_st_metadata(f, "extra");
+    lua_pushstring(L, extra ? extra : "");
+    int extra_idx = lua_gettop(L);
+    clh_st_close(sb->f);
+    sb->f = NULL;
+    clh_train_state state;
+    memset(&state, 0, sizeof state);
+    if (head_only)
+        CHECK(L, clh_segmodel_load_head(b->m, path));
+    else
+        CHECK(L, clh_segmodel_load(b->m, opt, &state, path));
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, state.step);
+    lua_setfield(L, -2, "step");
+    if (extra) {
+        lua_pushvalue(L, extra_idx);
+        lua_setfield(L, -2, "extra");
+    }
+    return 1;
+}
+
+static int seg_export(lua_State *L) {
+    CHECK(L, clh_segmodel_export(check_seg(L, 1)->m, luaL_checkstring(L, 2)));
+    return 0;
+}
+
+static int seg_options(lua_State *L) {
+    push_seg_options(L, clh_segmodel_get_options(check_seg(L, 1)->m));
+    return 1;
+}
+
+static int seg_tostring(lua_State *L) {
+    SegBox *b = luaL_checkudata(L, 1, SEGMODEL_MT);
+    if (!b->m) {
+        lua_pushstring(L, "clhclip.SegModel (freed)");
+        return 1;
+    }
+    const clh_segmodel_options *o = clh_segmodel_get_options(b->m);
+    lua_pushfstring(L, "clhclip.SegModel (input %d, head hidden %d, %d classes, %d tensors)",
+                    o->image_size, o->head.hidden, clh_segmodel_num_classes(b->m),
+                    clh_segmodel_num_params(b->m));
+    return 1;
+}
+
+static const luaL_Reg seg_methods[] = {
+    {"set_templates", seg_set_templates},
+    {"set_classes", seg_set_classes},
+    {"num_classes", seg_num_classes},
+    {"train_step", seg_train_step},
+    {"parameters", seg_parameters},
+    {"zero_grad", seg_zero_grad},
+    {"update", seg_update},
+    {"predict", seg_predict},
+    {"save", seg_save},
+    {"load", seg_load},
+    {"export", seg_export},
+    {"options", seg_options},
+    {"free", seg_free},
+    {NULL, NULL},
+};
+
+static const luaL_Reg seg_meta[] = {
+    {"__gc", seg_free},
+    {"__close", seg_free},
+    {"__tostring", seg_tostring},
+    {NULL, NULL},
+};
+
 static const luaL_Reg module_funcs[] = {
     {"devices", l_devices},
     {"init", l_init},
@@ -2917,6 +3335,8 @@ static const luaL_Reg module_funcs[] = {
     {"hclip", l_hclip},
     {"adamw", l_adamw},
     {"cosine_schedule", l_cosine_schedule},
+    {"segmodel", l_segmodel},
+    {"segmodel_options", l_segmodel_options},
     {"now", l_now},
     {NULL, NULL},
 };
@@ -2968,6 +3388,7 @@ int luaopen_clhclip(lua_State *L) {
     clhl_new_class(L, CLIP_MT, clip_meta, clip_methods);
     clhl_new_class(L, ADAMW_MT, adamw_meta, adamw_methods);
     clhl_new_class(L, HCLIP_MT, hclip_meta, hclip_methods);
+    clhl_new_class(L, SEGMODEL_MT, seg_meta, seg_methods);
 
     luaL_newlib(L, module_funcs);
     lua_pushstring(L, CLHCLIP_VERSION);
