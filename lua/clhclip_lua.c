@@ -3090,6 +3090,7 @@ static int seg_set_templates(lua_State *L) {
 /* m:set_classes(names[, tokenizer]) (default tokenizer: the CLIP vocabulary). */
 static int seg_set_classes(lua_State *L) {
     SegBox *b = check_seg(L, 1);
+    lua_settop(L, 3); /* the scratch array below must not land in the tokenizer's slot */
     int n;
     const char **names = string_array(L, 2, &n, "classes");
     clh_tokenizer *tok = lua_isnoneornil(L, 3) ? push_default_tokenizer(L) : check_tok(L, 3);
