@@ -150,7 +150,7 @@ static void draw_object(canvas *cv, clh_rng *rng, int index) {
     int kind = N_BACKGROUNDS + (int)(clh_rng_uniform(rng) * (N_CLASSES - N_BACKGROUNDS));
     if (kind >= N_CLASSES)
         kind = N_CLASSES - 1;
-    double s = cv->size, r = s * (0.09 + 0.13 * clh_rng_uniform(rng));
+    double s = cv->size, r = s * (0.13 + 0.13 * clh_rng_uniform(rng));
     double cx = s * (0.1 + 0.8 * clh_rng_uniform(rng)), cy = s * (0.1 + 0.8 * clh_rng_uniform(rng));
     /* Triangles and stars stay upright-ish so their shape reads as the name says. */
     double rot = (clh_rng_uniform(rng) - 0.5) * (kind == SQUARE || kind == CROSS ? PI / 2 : 0.5);

@@ -19,8 +19,12 @@ p:option("--size", {type = "integer", default = 96, help = "image and crop size 
 p:option("--train-images", {type = "integer", default = 400, help = "training images"})
 p:option("--val-images", {type = "integer", default = 40, help = "held-out images"})
 p:option("--lr", {type = "number", default = 2e-3, help = "head learning rate"})
-p:option("--clip-lr-mult", {type = "number", default = 0.1,
+p:option("--clip-lr-mult", {type = "number", default = 1.0,
                             help = "adapter learning rate as a multiple of --lr"})
+p:option("--ortho", {default = "none", choices = {"text", "both", "none", "vision"},
+                     help = "towers with orthogonal adapters (the released code: text; the " ..
+                         "random text tower gives nearly parallel class embeddings, which an " ..
+                         "orthogonal map cannot separate)"})
 p:option("--max-grad-norm", {type = "number", default = 1.0,
                              help = "gradient-norm clipping (0: off; the released config uses " ..
                                  "0.01 with 80k steps)"})
@@ -80,7 +84,7 @@ local function main()
                         cfg.vision.hidden, cfg.vision.layers, cfg.patch_size, cfg.text.hidden,
                         cfg.text.layers))
     local model = clh.segmodel(clip, {image_size = o.size, seed = o.seed + 2, head = HEAD,
-                                      adapter = {block_size = 32}})
+                                      adapter = {block_size = 32, ortho = o.ortho}})
     local tok = clh.tokenizer(paths.repo .. "/tests/fixtures/tokenizer/tiny_merges.txt.gz")
     model:set_classes(classes, tok)
     print("  " .. tostring(model))
