@@ -52,6 +52,7 @@ struct clh_cathead {
     /* the last forward */
     ch_geom geom;
     int pending; /* a training forward waits for its backward */
+    int lean;    /* inference forward: release activations as soon as they are used */
     int topk;
     clh_cathead_inputs in;
     int32_t *tok_index;  /* [B*S]: token rows of the inputs without the CLS rows */
@@ -776,6 +777,8 @@ static clh_status decoder_stage(clh_cathead *h, int i, const clh_tensor *in) {
 
 /* Decoder on the aggregated x, then the logits (scattered back to all classes with -100
  * for the dropped ones under top-k). */
+static void dec_tape_drop(ch_dec_tape *d, int keep_output);
+
 static clh_status decode(clh_cathead *h, const clh_tensor *x, clh_tensor *logits) {
     const ch_geom *g = &h->geom;
     const clh_cathead_config *c = &h->cfg;
@@ -784,7 +787,16 @@ static clh_status decode(clh_cathead *h, const clh_tensor *x, clh_tensor *logits
     CLH_TRY(SLOT(ctx, h->t.dec_in, g->n, c->hidden, g->grid, g->grid));
     CLH_TRY(clh_permute_0213(ctx, x, g->n, g->tokens, c->hidden, 1, h->t.dec_in));
     CLH_TRY(decoder_stage(h, 0, h->t.dec_in));
+    if (h->lean) {
+        dec_tape_drop(&h->dt[0], 1);
+        clh_tensor_release(h->t.dec_in);
+        h->t.dec_in = NULL;
+    }
     CLH_TRY(decoder_stage(h, 1, h->dt[0].r2));
+    if (h->lean) {
+        dec_tape_drop(&h->dt[0], 0);
+        dec_tape_drop(&h->dt[1], 1);
+    }
     if (!h->topk)
         return clh_conv2d_forward(ctx, h->dt[1].r2, h->out_conv.w, h->out_conv.b, 1, 1,
                                   RS(logits, g->n, 1, size, size));
@@ -796,8 +808,37 @@ static clh_status decode(clh_cathead *h, const clh_tensor *x, clh_tensor *logits
                            RS(logits, (int64_t)g->batch * g->classes_all, plane));
 }
 
-static clh_status forward_core(clh_cathead *h, clh_tensor *logits) {
+static void dec_tape_drop(ch_dec_tape *d, int keep_output) {
+    clh_tensor *r2 = d->r2;
+    clh_tensor **owned[] = {&d->u, &d->c, &d->c1, &d->g1, &d->r1, &d->c2, &d->g2, &d->r2};
+    for (size_t i = 0; i < sizeof owned / sizeof *owned; i++) {
+        if (keep_output && *owned[i] == r2)
+            continue;
+        clh_tensor_release(*owned[i]);
+        *owned[i] = NULL;
+    }
+}
+
+/* With lean != 0 (inference) every stage's activations are released once the next stage
+ * has consumed them: the peak is one stage's working set, not the whole tape. */
+static clh_status aggregate_and_decode(clh_cathead *h, clh_tensor *logits, int lean) {
     const ch_geom *g = &h->geom;
+    const clh_cathead_config *c = &h->cfg;
+    const clh_tensor *x = h->t.x;
+    for (int l = 0; l < c->n_layers; l++) {
+        CLH_TRY(ch_layer_forward(h->ctx, c, g, &h->layers[l], &h->lt[l], x, h->t.app_tok, h->t.tg,
+                                 lean));
+        if (lean && l > 0)
+            ch_layer_tape_free(&h->lt[l - 1]);
+        x = h->lt[l].out;
+    }
+    clh_status st = decode(h, x, logits);
+    if (lean)
+        ch_layer_tape_free(&h->lt[c->n_layers - 1]);
+    return st;
+}
+
+static clh_status forward_core(clh_cathead *h, clh_tensor *logits, int lean) {
     const clh_cathead_config *c = &h->cfg;
     CLH_TRY(make_indices(h));
     CLH_TRY(tokens_and_planes(h, h->in.dense, c->d_img, &h->t.img_tok, &h->t.res3));
@@ -806,12 +847,12 @@ static clh_status forward_core(clh_cathead *h, clh_tensor *logits) {
     CLH_TRY(text_guidance(h));
     for (int i = 0; i < 2; i++)
         CLH_TRY(decoder_guidance(h, i));
-    const clh_tensor *x = h->t.x;
-    for (int l = 0; l < c->n_layers; l++) {
-        CLH_TRY(ch_layer_forward(h->ctx, c, g, &h->layers[l], &h->lt[l], x, h->t.app_tok, h->t.tg));
-        x = h->lt[l].out;
-    }
-    return decode(h, x, logits);
+    h->lean = lean;
+    clh_status st = aggregate_and_decode(h, logits, lean);
+    h->lean = 0;
+    if (lean)
+        free_tapes(h);
+    return st;
 }
 
 clh_status clh_cathead_forward(clh_cathead *h, int train, const clh_cathead_inputs *in,
@@ -829,7 +870,7 @@ clh_status clh_cathead_forward(clh_cathead *h, int train, const clh_cathead_inpu
     int64_t size = (int64_t)g.grid * 4;
     clh_tensor *out = NULL;
     CLH_TRY(clh_tensor_new(h->ctx, DIMS(g.batch, g.classes_all, size, size), &out));
-    clh_status st = forward_core(h, out);
+    clh_status st = forward_core(h, out, !train);
     if (st != CLH_OK) {
         clh_tensor_release(out);
         return st;

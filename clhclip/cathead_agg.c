@@ -379,17 +379,43 @@ static clh_status cls_backward_core(clh_ctx *ctx, clip_scratch *s, const clh_cat
 
 /* ------------------------------------------------------------------ layer */
 
+void ch_swin_tape_drop(ch_swin_tape *s) {
+    clh_tensor **owned[] = {&s->xn,  &s->cat, &s->q,   &s->k,  &s->v,
+                            &s->att, &s->x1,  &s->x1n, &s->f1, &s->act};
+    for (size_t i = 0; i < sizeof owned / sizeof *owned; i++) {
+        clh_tensor_release(*owned[i]);
+        *owned[i] = NULL;
+    }
+}
+
+static void swin_tape_free(ch_swin_tape *s) {
+    ch_swin_tape_drop(s);
+    clh_tensor_release(s->y);
+    s->y = NULL;
+}
+
 clh_status ch_layer_forward(clh_ctx *ctx, const clh_cathead_config *cfg, const ch_geom *g,
                             const ch_layer_params *p, ch_layer_tape *t, const clh_tensor *x,
-                            const clh_tensor *app, const clh_tensor *tg) {
+                            const clh_tensor *app, const clh_tensor *tg, int lean) {
     CLH_TRY(SLOT(ctx, t->gnorm, (int64_t)g->batch * g->tokens, cfg->appearance_proj));
     CLH_TRY(SLOT(ctx, t->out, g->n * g->tokens, cfg->hidden));
     CLH_TRY(
         clh_layer_norm(ctx, app, p->guidance_norm.w, p->guidance_norm.b, CATHEAD_LN_EPS, t->gnorm));
     CLH_TRY(swin_forward(ctx, cfg, g, &p->spatial[0], &t->spatial[0], x, t->gnorm, 0));
+    if (lean)
+        ch_swin_tape_drop(&t->spatial[0]);
     CLH_TRY(swin_forward(ctx, cfg, g, &p->spatial[1], &t->spatial[1], t->spatial[0].y, t->gnorm,
                          g->shift));
-    return cls_forward(ctx, cfg, g, &p->cls, &t->cls, t->spatial[1].y, tg, t->out);
+    if (lean) {
+        swin_tape_free(&t->spatial[0]);
+        ch_swin_tape_drop(&t->spatial[1]);
+    }
+    clh_status st = cls_forward(ctx, cfg, g, &p->cls, &t->cls, t->spatial[1].y, tg, t->out);
+    if (lean) {
+        swin_tape_free(&t->spatial[1]);
+        ch_release_slots((clh_tensor **)&t->cls, sizeof t->cls / sizeof(clh_tensor *));
+    }
+    return st;
 }
 
 static clh_status layer_backward_core(clh_ctx *ctx, clip_scratch *s, const clh_cathead_config *cfg,
@@ -427,12 +453,8 @@ clh_status ch_layer_backward(clh_ctx *ctx, const clh_cathead_config *cfg, const 
 }
 
 void ch_layer_tape_free(ch_layer_tape *t) {
-    for (int j = 0; j < 2; j++) {
-        ch_swin_tape *s = &t->spatial[j];
-        clh_tensor *owned[] = {s->xn, s->cat, s->q,  s->k,   s->v, s->att,
-                               s->x1, s->x1n, s->f1, s->act, s->y};
-        ch_release_slots(owned, sizeof owned / sizeof *owned);
-    }
+    for (int j = 0; j < 2; j++)
+        swin_tape_free(&t->spatial[j]);
     ch_release_slots((clh_tensor **)&t->cls, sizeof t->cls / sizeof(clh_tensor *));
     clh_tensor_release(t->gnorm);
     clh_tensor_release(t->out);

@@ -74,10 +74,14 @@ typedef struct ch_geom {
 } ch_geom;
 
 /* Aggregator layer l forward on x [N, S, h] (tape->spatial[0].x holds the input),
- * with appearance tokens app [B*S, A] and text guidance tg [B*T, Tp]; output in tape->out. */
+ * with appearance tokens app [B*S, A] and text guidance tg [B*T, Tp]; output in tape->out.
+ * lean != 0 (inference): activations are released as soon as they are used, so that the
+ * memory peak is one stage's working set instead of the whole tape. */
 clh_status ch_layer_forward(clh_ctx *ctx, const clh_cathead_config *cfg, const ch_geom *g,
                             const ch_layer_params *p, ch_layer_tape *tape, const clh_tensor *x,
-                            const clh_tensor *app, const clh_tensor *tg);
+                            const clh_tensor *app, const clh_tensor *tg, int lean);
+/* Release the activations of a Swin block except its output y. */
+void ch_swin_tape_drop(ch_swin_tape *t);
 /* Backward of ch_layer_forward: dx [N, S, h] is the gradient of the layer output on entry and
  * of its input on return (in place); d_app and d_tg are accumulated. */
 clh_status ch_layer_backward(clh_ctx *ctx, const clh_cathead_config *cfg, const ch_geom *g,

@@ -180,6 +180,23 @@ static void run_parity(const char *name) {
         assert_true(e < REL_TOL);
     }
 
+    /* Inference (activations released stage by stage) computes the same logits, and a
+     * training forward afterwards still works. */
+    clh_tensor *lean = NULL, *again = NULL;
+    TU_OK(clh_cathead_forward(head, 0, &in, &lean));
+    float *a = tu_fetch(logits), *b = tu_fetch(lean);
+    assert_memory_equal(a, b, clh_tensor_numel(logits) * sizeof(float));
+    free(b);
+    TU_OK(clh_cathead_forward(head, 1, &in, &again));
+    b = tu_fetch(again);
+    assert_memory_equal(a, b, clh_tensor_numel(logits) * sizeof(float));
+    TU_OK(clh_cathead_backward(head, d_logits, d_dense, d_hooks, d_text));
+    assert_int_not_equal(clh_cathead_backward(head, d_logits, d_dense, d_hooks, d_text), CLH_OK);
+    free(a);
+    free(b);
+    clh_tensor_release(lean);
+    clh_tensor_release(again);
+
     clh_tensor *all[] = {dense,    hook0,   hook1,  text,       logits,
                          d_logits, d_dense, d_text, d_hooks[0], d_hooks[1]};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++)
@@ -204,11 +221,101 @@ static void test_parity_pool1(void **state) {
     run_parity("cathead_tiny_pool1");
 }
 
+static clh_tensor *zeros(int ndim, const int64_t *shape) {
+    clh_tensor *t;
+    TU_OK(clh_tensor_new(tu_ctx(), ndim, shape, &t));
+    TU_OK(clh_tensor_fill(t, 0.0f));
+    return t;
+}
+
+static void test_bad_configs_and_inputs(void **state) {
+    (void)state;
+    TU_CTX_OR_SKIP(ctx);
+    fixture fx;
+    open_fixture("cathead_tiny", &fx);
+    clh_cathead_config bad = fx.cfg;
+    bad.heads = 5; /* does not divide hidden 12 */
+    clh_cathead *head = NULL;
+    TU_FAILS(clh_cathead_new(ctx, &bad, 0, &head), CLH_ERR_INVALID_ARGUMENT, "heads");
+    bad = fx.cfg;
+    bad.window = 0;
+    TU_FAILS(clh_cathead_new(ctx, &bad, 0, &head), CLH_ERR_INVALID_ARGUMENT, "window");
+    TU_OK(clh_cathead_new(ctx, &fx.cfg, 0, &head));
+
+    const int64_t d = fx.cfg.d_img, v = fx.cfg.d_vis;
+    clh_tensor *dense = zeros(3, (int64_t[]){2, 37, d}), *hook = zeros(3, (int64_t[]){2, 37, v});
+    clh_tensor *text = zeros(3, (int64_t[]){5, 2, d});
+    clh_tensor *odd = zeros(3, (int64_t[]){2, 36, d}),
+               *short_hook = zeros(3, (int64_t[]){1, 37, v});
+    clh_tensor *wide_text = zeros(3, (int64_t[]){5, 2, d + 1});
+    clh_tensor *big_grid = zeros(3, (int64_t[]){1, 65, d}),
+               *big_hook = zeros(3, (int64_t[]){1, 65, v});
+    clh_tensor *logits = NULL;
+    clh_cathead_inputs in = {.dense = dense, .hooks = {hook, hook}, .text = text, .pool = 2};
+    clh_cathead_inputs x = in;
+    x.dense = odd;
+    TU_FAILS(clh_cathead_forward(head, 1, &x, &logits), CLH_ERR_SHAPE, "square grid");
+    x = in;
+    x.hooks[1] = short_hook;
+    TU_FAILS(clh_cathead_forward(head, 1, &x, &logits), CLH_ERR_SHAPE, "hooks[1]");
+    x = in;
+    x.text = wide_text;
+    TU_FAILS(clh_cathead_forward(head, 1, &x, &logits), CLH_ERR_SHAPE, "text");
+    x = in;
+    x.pool = 7;
+    TU_FAILS(clh_cathead_forward(head, 1, &x, &logits), CLH_ERR_INVALID_ARGUMENT, NULL);
+    x = in; /* grid 8 is larger than the window 3 and not a multiple of it */
+    x.dense = big_grid;
+    x.hooks[0] = x.hooks[1] = big_hook;
+    TU_FAILS(clh_cathead_forward(head, 1, &x, &logits), CLH_ERR_SHAPE, "window");
+    assert_null(logits);
+    /* backward needs a pending training forward of the right size */
+    clh_tensor *dl = zeros(4, (int64_t[]){2, 5, 24, 24}),
+               *dl_bad = zeros(4, (int64_t[]){2, 5, 24, 23});
+    TU_FAILS(clh_cathead_backward(head, dl, NULL, NULL, NULL), CLH_ERR_INVALID_ARGUMENT, NULL);
+    TU_OK(clh_cathead_forward(head, 1, &in, &logits));
+    TU_FAILS(clh_cathead_backward(head, dl_bad, NULL, NULL, NULL), CLH_ERR_SHAPE, NULL);
+    clh_tensor_release(logits);
+
+    /* a parameter file with a missing, an extra or a mis-shaped tensor is refused */
+    clh_cathead *other = NULL;
+    clh_cathead_config smaller = fx.cfg;
+    smaller.n_layers = 1;
+    TU_OK(clh_cathead_new(ctx, &smaller, 0, &other));
+    TU_FAILS(clh_cathead_load_params(other, fx.params), CLH_ERR_INVALID_ARGUMENT, "head.layers.1");
+    clh_st_writer *w;
+    TU_OK(clh_st_writer_new(&w));
+    TU_OK(clh_cathead_add_params(other, w));
+    char path[1024];
+    snprintf(path, sizeof path, "%s", tu_tmp_path("small_head.safetensors"));
+    TU_OK(clh_st_writer_save(w, path));
+    clh_st_writer_free(w);
+    clh_st_file *f;
+    TU_OK(clh_st_open(path, &f));
+    TU_FAILS(clh_cathead_load_params(head, f), CLH_ERR_NOT_FOUND, "missing");
+    clh_st_close(f);
+    clh_cathead_config wider = fx.cfg;
+    wider.text_proj = 7;
+    clh_cathead *wide = NULL;
+    TU_OK(clh_cathead_new(ctx, &wider, 0, &wide));
+    TU_FAILS(clh_cathead_load_params(wide, fx.params), CLH_ERR_SHAPE, "expected");
+
+    clh_tensor *all[] = {dense,     hook,     text,     odd, short_hook,
+                         wide_text, big_grid, big_hook, dl,  dl_bad};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        clh_tensor_release(all[i]);
+    clh_cathead_free(head);
+    clh_cathead_free(other);
+    clh_cathead_free(wide);
+    close_fixture(&fx);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parity_tiny),
         cmocka_unit_test(test_parity_topk),
         cmocka_unit_test(test_parity_pool1),
+        cmocka_unit_test(test_bad_configs_and_inputs),
     };
     return cmocka_run_group_tests(tests, tu_setup_tmp, tu_teardown_tmp);
 }
