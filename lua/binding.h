@@ -23,6 +23,12 @@ int clhl_raise_status(lua_State *L, clh_status st);
             clhl_raise_status((L), clhl_check_st_);                                                \
     } while (0)
 
+/* Options tables (clhclip_lua.c): idx may be none/nil (then the defaults apply); a field
+ * of the wrong type raises an error naming the option. */
+void clhl_check_opt_table(lua_State *L, int idx);
+int clhl_opt_bool(lua_State *L, int idx, const char *key, int def);
+lua_Integer clhl_opt_int(lua_State *L, int idx, const char *key, lua_Integer def);
+
 /* Register a userdata class: metatable tname with meta (may hold __index) and methods. */
 void clhl_new_class(lua_State *L, const char *tname, const luaL_Reg *meta, const luaL_Reg *methods);
 

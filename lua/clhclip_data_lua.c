@@ -23,32 +23,6 @@
 
 /* ------------------------------------------------------------------ options */
 
-static lua_Integer field_int(lua_State *L, int idx, const char *key, lua_Integer def) {
-    if (lua_isnoneornil(L, idx))
-        return def;
-    lua_Integer v = def;
-    if (lua_getfield(L, idx, key) != LUA_TNIL) {
-        int ok;
-        v = lua_tointegerx(L, -1, &ok);
-        if (!ok)
-            luaL_error(L, "option '%s' must be an integer (got %s)", key, luaL_typename(L, -1));
-    }
-    lua_pop(L, 1);
-    return v;
-}
-
-static int field_bool(lua_State *L, int idx, const char *key, int def) {
-    if (lua_isnoneornil(L, idx))
-        return def;
-    int t = lua_getfield(L, idx, key), v = def;
-    if (t == LUA_TBOOLEAN)
-        v = lua_toboolean(L, -1);
-    else if (t != LUA_TNIL)
-        luaL_error(L, "option '%s' must be a boolean (got %s)", key, luaL_typename(L, -1));
-    lua_pop(L, 1);
-    return v;
-}
-
 /* Field as a string (NULL when absent); the string stays valid while the table lives. */
 static const char *field_str(lua_State *L, int idx, const char *key) {
     if (lua_isnoneornil(L, idx))
@@ -61,11 +35,6 @@ static const char *field_str(lua_State *L, int idx, const char *key) {
         luaL_error(L, "option '%s' must be a string (got %s)", key, luaL_typename(L, -1));
     lua_pop(L, 1);
     return s;
-}
-
-static void check_opt_table(lua_State *L, int idx) {
-    if (!lua_isnoneornil(L, idx))
-        luaL_checktype(L, idx, LUA_TTABLE);
 }
 
 /* "raw" | "ade150" | "voc20" | "voc20b" */
@@ -249,7 +218,7 @@ static clh_dataset *check_dataset(lua_State *L, int idx) {
 /* clh.dataset(root, {split=, labels=}) -> Dataset */
 static int l_dataset(lua_State *L) {
     const char *root = luaL_checkstring(L, 1);
-    check_opt_table(L, 2);
+    clhl_check_opt_table(L, 2);
     clh_dataset_options o = {field_str(L, 2, "split"), label_mode(L, field_str(L, 2, "labels"))};
     DatasetBox *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->ds = NULL;
@@ -322,17 +291,17 @@ static clh_loader *check_loader(lua_State *L, int idx) {
  * drop_last=} -> Loader (keeps the dataset alive) */
 static int ds_loader(lua_State *L) {
     clh_dataset *ds = check_dataset(L, 1);
-    check_opt_table(L, 2);
+    clhl_check_opt_table(L, 2);
     clh_loader_options o = {0};
-    o.batch = (int)field_int(L, 2, "batch", 1);
-    o.crop = (int)field_int(L, 2, "crop", 384);
-    o.max_size = (int)field_int(L, 2, "max_size", 0);
-    o.seed = (uint64_t)field_int(L, 2, "seed", 0);
-    o.threads = (int)field_int(L, 2, "threads", 0);
-    o.prefetch = (int)field_int(L, 2, "prefetch", 0);
-    o.augment = field_bool(L, 2, "augment", 1);
-    o.shuffle = field_bool(L, 2, "shuffle", 1);
-    o.drop_last = field_bool(L, 2, "drop_last", 1);
+    o.batch = (int)clhl_opt_int(L, 2, "batch", 1);
+    o.crop = (int)clhl_opt_int(L, 2, "crop", 384);
+    o.max_size = (int)clhl_opt_int(L, 2, "max_size", 0);
+    o.seed = (uint64_t)clhl_opt_int(L, 2, "seed", 0);
+    o.threads = (int)clhl_opt_int(L, 2, "threads", 0);
+    o.prefetch = (int)clhl_opt_int(L, 2, "prefetch", 0);
+    o.augment = clhl_opt_bool(L, 2, "augment", 1);
+    o.shuffle = clhl_opt_bool(L, 2, "shuffle", 1);
+    o.drop_last = clhl_opt_bool(L, 2, "drop_last", 1);
     LoaderBox *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->ld = NULL;
     luaL_setmetatable(L, LOADER_MT);
@@ -502,8 +471,8 @@ static clh_confusion *check_confusion(lua_State *L, int idx) {
 /* clh.confusion(n, {voc20b=}) -> Confusion */
 static int l_confusion(lua_State *L) {
     lua_Integer n = luaL_checkinteger(L, 1);
-    check_opt_table(L, 2);
-    clh_confusion_options o = {field_bool(L, 2, "voc20b", 0)};
+    clhl_check_opt_table(L, 2);
+    clh_confusion_options o = {clhl_opt_bool(L, 2, "voc20b", 0)};
     luaL_argcheck(L, n > 0 && n <= 65536, 1, "class count must be 1..65536");
     ConfusionBox *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->c = NULL;
@@ -600,8 +569,9 @@ static int l_make_procedural_dataset(lua_State *L) {
     const char *dir = field_str(L, 1, "dir");
     if (!dir)
         return luaL_error(L, "make_procedural_dataset: option 'dir' is required");
-    clh_procedural_options o = {(int)field_int(L, 1, "n", 300), (int)field_int(L, 1, "size", 128),
-                                (uint64_t)field_int(L, 1, "seed", 0)};
+    clh_procedural_options o = {(int)clhl_opt_int(L, 1, "n", 300),
+                                (int)clhl_opt_int(L, 1, "size", 128),
+                                (uint64_t)clhl_opt_int(L, 1, "seed", 0)};
     CLHL_CHECK(L, clh_procedural_write(dir, &o));
     return l_procedural_classes(L);
 }

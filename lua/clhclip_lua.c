@@ -56,7 +56,10 @@ int clhl_raise_status(lua_State *L, clh_status st) {
     return luaL_error(L, "%s", msg);
 }
 
-#define CHECK(L, expr) CLHL_CHECK(L, expr)
+#define CHECK(L, expr)  CLHL_CHECK(L, expr)
+#define check_opt_table clhl_check_opt_table
+#define opt_bool        clhl_opt_bool
+#define opt_int         clhl_opt_int
 
 /* A GC-managed scratch buffer on the stack top (freed with the stack on error). */
 static void *scratch(lua_State *L, size_t bytes) {
@@ -75,13 +78,13 @@ static int dir_exists(const char *path) {
 
 /* ================================================================== option tables */
 
-static void check_opt_table(lua_State *L, int idx) {
+void clhl_check_opt_table(lua_State *L, int idx) {
     if (!lua_isnoneornil(L, idx))
         luaL_checktype(L, idx, LUA_TTABLE);
 }
 
 /* Boolean field of an optional options table at idx. */
-static int opt_bool(lua_State *L, int idx, const char *key, int def) {
+int clhl_opt_bool(lua_State *L, int idx, const char *key, int def) {
     if (lua_isnoneornil(L, idx))
         return def;
     int t = lua_getfield(L, idx, key);
@@ -94,7 +97,7 @@ static int opt_bool(lua_State *L, int idx, const char *key, int def) {
     return v;
 }
 
-static lua_Integer opt_int(lua_State *L, int idx, const char *key, lua_Integer def) {
+lua_Integer clhl_opt_int(lua_State *L, int idx, const char *key, lua_Integer def) {
     if (lua_isnoneornil(L, idx))
         return def;
     lua_Integer v = def;
