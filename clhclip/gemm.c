@@ -1,8 +1,10 @@
-/* Matrix products (row-major, single precision) through CLBlast's C API, or through the
- * host BLAS on mapped buffers where that is faster (gemm_host.c decides). */
+/* Matrix products (row-major, single precision) through CLBlast's C API, through the host
+ * BLAS on mapped buffers where that is faster, or through clhclip's own OpenCL kernels
+ * (gemm_ocl.c); gemm_host.c decides. */
 #include "internal.h" /* first: it sets CL_TARGET_OPENCL_VERSION for clblast_c.h */
 
 #include "gemm_host.h"
+#include "gemm_ocl.h"
 
 #include <clblast_c.h>
 #include <stdio.h>
@@ -216,6 +218,9 @@ clh_status clh_gemm(clh_ctx *ctx, int trans_a, int trans_b, size_t m, size_t n, 
     if (path == CLH_GEMM_HOST)
         return clh_gemm_host(ctx, "clh_gemm", trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb,
                              0, beta, c, ldc, 0, 1);
+    if (path == CLH_GEMM_OCL)
+        return clh_gemm_ocl(ctx, "clh_gemm", trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb, 0,
+                            beta, c, ldc, 0, 1);
     cl_event ev = NULL;
     CLBlastStatusCode st =
         CLBlastSgemm(CLBlastLayoutRowMajor, transpose_of(trans_a), transpose_of(trans_b), m, n, k,
@@ -245,6 +250,9 @@ clh_status clh_gemm_batched(clh_ctx *ctx, int trans_a, int trans_b, size_t m, si
     if (path == CLH_GEMM_HOST)
         return clh_gemm_host(ctx, "clh_gemm_batched", trans_a, trans_b, m, n, k, alpha, a, lda,
                              stride_a, b, ldb, stride_b, beta, c, ldc, stride_c, batch);
+    if (path == CLH_GEMM_OCL)
+        return clh_gemm_ocl(ctx, "clh_gemm_batched", trans_a, trans_b, m, n, k, alpha, a, lda,
+                            stride_a, b, ldb, stride_b, beta, c, ldc, stride_c, batch);
     cl_event ev = NULL;
     CLBlastStatusCode st = CLBlastSgemmStridedBatched(
         CLBlastLayoutRowMajor, transpose_of(trans_a), transpose_of(trans_b), m, n, k, alpha, a->mem,

@@ -1,5 +1,6 @@
-/* GEMM path selection (CLBlast on the device, or the host BLAS on mapped buffers) and the
- * host-BLAS path itself. Private to the library and its tests; not installed. */
+/* GEMM path selection (CLBlast on the device, the host BLAS on mapped buffers, or clhclip's
+ * own OpenCL kernels in gemm_ocl.c) and the host-BLAS path itself. Private to the library
+ * and its tests; not installed. */
 #ifndef CLHCLIP_GEMM_HOST_H
 #define CLHCLIP_GEMM_HOST_H
 
@@ -9,6 +10,7 @@ typedef enum clh_gemm_path {
     CLH_GEMM_AUTO = 0, /* host BLAS on CPU devices with host-unified memory, CLBlast elsewhere */
     CLH_GEMM_CLBLAST = 1,
     CLH_GEMM_HOST = 2,
+    CLH_GEMM_OCL = 3, /* kernels/gemm.cl (gemm_ocl.c); auto does not pick it (gemm_host.c) */
 } clh_gemm_path;
 
 /* Process-wide override of $CLHCLIP_GEMM (tests use it to compare the paths).

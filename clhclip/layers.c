@@ -193,14 +193,80 @@ static clh_status attention_core(clh_ctx *ctx, const clh_tensor *q, const clh_te
     return permute_heads(ctx, "merge_heads", qh, out, n, lq, heads, hd);
 }
 
+/* Head dimension of the fused kernel (attention_fused_hd64 in kernels/attention.cl). */
+#define FUSED_HEAD_DIM 64
+#define FUSED_ROWS     4  /* query rows per work-item (FA_TQ) */
+#define FUSED_KEYS     16 /* keys per block (one float16) */
+
+/* Flash-style attention without the score matrix: K transposed once into the workspace,
+ * then one kernel for QK^T, the (causal) online softmax and the product with V. */
+static clh_status attention_fused(clh_ctx *ctx, const clh_tensor *q, const clh_tensor *k,
+                                  const clh_tensor *v, int heads, int causal, clh_tensor *out,
+                                  clh_tensor **kt_out) {
+    size_t n = (size_t)q->shape[0], lq = (size_t)q->shape[1], lk = (size_t)k->shape[1];
+    size_t nh = n * (size_t)heads, hd = FUSED_HEAD_DIM;
+    size_t lpad = (lk + FUSED_KEYS - 1) / FUSED_KEYS * FUSED_KEYS;
+    int64_t kt_shape[3] = {(int64_t)nh, (int64_t)hd, (int64_t)lpad};
+    CLH_TRY(clh_ws_tensor(ctx, 3, kt_shape, kt_out));
+    clh_tensor *kt = *kt_out;
+    if (kt->offset + kt->numel > (size_t)INT_MAX)
+        return clh_fail(ctx, CLH_ERR_UNSUPPORTED,
+                        "clh_attention: the transposed keys (%zu elements) are beyond what "
+                        "kernels can index",
+                        kt->numel);
+    int lq_i = (int)lq, lk_i = (int)lk, lpad_i = (int)lpad, hd_i = (int)hd, causal_i = causal != 0;
+    clh_karg targs[] = {CLH_KTENSOR(k),   CLH_KTENSOR(kt), CLH_KARG(lk_i),
+                        CLH_KARG(lpad_i), CLH_KARG(heads), CLH_KARG(hd_i)};
+    size_t tglobal[3] = {lpad, hd, nh};
+    CLH_TRY(clh_launch(ctx, "attention_k_transpose", 3, tglobal, NULL, NARGS(targs), targs));
+    float scale = (float)(1.0 / sqrt((double)hd));
+    clh_karg args[] = {CLH_KTENSOR(q),     CLH_KTENSOR(kt), CLH_KTENSOR(v),   CLH_KTENSOR(out),
+                       CLH_KARG(lq_i),     CLH_KARG(lk_i),  CLH_KARG(lpad_i), CLH_KARG(heads),
+                       CLH_KARG(causal_i), CLH_KARG(scale)};
+    /* One work-item per group on CPUs: PoCL's work-group vectoriser makes this explicitly
+     * vectorised kernel 2x slower (measured); clh_launch clamps the GPU size to the limit. */
+    size_t global[2] = {(lq + FUSED_ROWS - 1) / FUSED_ROWS, nh};
+    size_t local[2] = {ctx->info.is_cpu ? 1 : 64, 1};
+    return clh_launch(ctx, "attention_fused_hd64", 2, global, local, NARGS(args), args);
+}
+
+/* Fused kernel or the GEMM composition? $CLHCLIP_ATTENTION = fused | gemm | auto (read per
+ * call; auto when unset). The fused kernel exists for head_dim 64 only and needs out apart
+ * from k and v (other work-items still read them while out is written); elsewhere, and
+ * for "gemm", the GEMM path runs. auto: fused on CPU devices (measured faster there: see
+ * the report of issue 5), GEMM elsewhere (GPUs keep CLBlast's batched GEMMs). */
+static clh_status attention_wants_fused(clh_ctx *ctx, const clh_tensor *q, const clh_tensor *k,
+                                        const clh_tensor *v, int heads, const clh_tensor *out,
+                                        int *fused) {
+    const char *mode = getenv("CLHCLIP_ATTENTION");
+    int want;
+    if (!mode || !*mode || strcmp(mode, "auto") == 0)
+        want = ctx->info.is_cpu;
+    else if (strcmp(mode, "fused") == 0)
+        want = 1;
+    else if (strcmp(mode, "gemm") == 0)
+        want = 0;
+    else
+        return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT,
+                        "clh_attention: CLHCLIP_ATTENTION='%s' is not one of fused, gemm, auto",
+                        mode);
+    int supported =
+        q->shape[2] / heads == FUSED_HEAD_DIM && !clh_overlaps(out, k) && !clh_overlaps(out, v);
+    *fused = want && supported;
+    return CLH_OK;
+}
+
 clh_status clh_attention(clh_ctx *ctx, const clh_tensor *q, const clh_tensor *k,
                          const clh_tensor *v, int heads, int causal, clh_tensor *out) {
     CLH_TRY(check_attention(ctx, q, k, v, heads, out));
     if (q->numel == 0 || k->numel == 0)
         return CLH_OK;
+    int fused = 0;
+    CLH_TRY(attention_wants_fused(ctx, q, k, v, heads, out, &fused));
     size_t mark = clh_ws_mark(ctx);
     clh_tensor *tmp[4] = {NULL, NULL, NULL, NULL};
-    clh_status st = attention_core(ctx, q, k, v, heads, causal, out, tmp);
+    clh_status st = fused ? attention_fused(ctx, q, k, v, heads, causal, out, &tmp[0])
+                          : attention_core(ctx, q, k, v, heads, causal, out, tmp);
     for (int i = 0; i < 4; i++)
         clh_tensor_release(tmp[i]);
     clh_ws_reset(ctx, mark);

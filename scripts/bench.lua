@@ -4,7 +4,9 @@
 -- Each figure: a warm-up (its first call, which includes kernel compilation, is reported
 -- separately with the clBuildProgram seconds it added), then --runs timed calls, printed
 -- as median and min/max. Every timing waits for the device. The GEMM path follows
--- $CLHCLIP_GEMM (clblast|host|auto). tests/reference/bench_torch.py runs the same shapes
+-- $CLHCLIP_GEMM (clblast|host|ocl|auto); --gemm-paths host,ocl,clblast runs the GEMM figures
+-- once per path, each in its own process, and prints them side by side.
+-- tests/reference/bench_torch.py runs the same shapes
 -- in PyTorch and prints the side-by-side table from both JSON files (docs/benchmarks.md).
 local paths = dofile((arg[0]:match("^(.*)/") or ".") .. "/lib_path.lua")
 local argparse = require "clhclip.argparse"
@@ -24,14 +26,26 @@ parser:option("--model", {metavar = "DIR",
 parser:option("--prompts", {type = "integer", default = 171,
               help = "prompts for the text and train figures"})
 parser:flag("--recompute", {help = "train figures: recompute activations in the backward"})
+parser:option("--gemm-paths", {metavar = "LIST",
+              help = "run the GEMM figures once per CLHCLIP_GEMM path (e.g. host,ocl,clblast), " ..
+                  "each path in its own process, alternating over --rounds; one table"})
+parser:option("--rounds", {type = "integer", default = 1,
+              help = "--gemm-paths: rounds over the paths (the table takes the median)"})
+parser:option("--lua-results", {metavar = "FILE",
+              help = "also write the results as a Lua table (used by --gemm-paths)"})
 parser:option("--platform", {metavar = "P", help = "OpenCL platform index or name substring"})
 parser:option("--device", {metavar = "D", help = "OpenCL device index or name substring"})
 
--- GEMM figures, C[M,N] = A[M,K] * W[N,K]^T (a linear layer; names are M x K x N).
+-- GEMM figures, C[M,N] = A[M,K] * W[N,K]^T (a linear layer; names are M x K x N), and the
+-- attention products of ViT-B/16 at 384 for all 12 heads, each head one matmul of views.
 local GEMMS = {
     {name = "gemm 577x768x768 (ViT-B/16 384 qkv/out proj)", m = 577, k = 768, n = 768},
     {name = "gemm 577x768x3072 (ViT-B/16 384 MLP fc1)", m = 577, k = 768, n = 3072},
+    {name = "gemm 577x3072x768 (ViT-B/16 384 MLP fc2)", m = 577, k = 3072, n = 768},
     {name = "gemm 13167x512x512 (text, 171 prompts x 77)", m = 13167, k = 512, n = 512},
+    {name = "gemm 12x 577x64x577 (ViT-B/16 384 q k^T)", m = 577, k = 64, n = 577, heads = 12},
+    {name = "gemm 12x 577x577x64 (ViT-B/16 384 p v)", m = 577, k = 577, n = 64, heads = 12,
+     plain_b = true},
 }
 
 local function median(xs)
@@ -69,23 +83,106 @@ local function report(r)
                         r.peak_device_bytes / 2 ^ 20))
 end
 
+-- One figure: heads products C_h = A_h * op(B_h), each A_h [M,K] and B_h [N,K] (or [K,N]
+-- with plain_b) a view of one tensor.
 local function bench_gemm(ctx, clh, opts, out)
     for _, g in ipairs(GEMMS) do
         clh.manual_seed(1)
-        local a, w = clh.randn({g.m, g.k}, 1, ctx), clh.randn({g.n, g.k}, 0.02, ctx)
+        local heads = g.heads or 1
+        local b_shape = g.plain_b and {g.k, g.n} or {g.n, g.k}
+        local a = clh.randn({heads * g.m, g.k}, 1, ctx)
+        local w = clh.randn({heads * b_shape[1], b_shape[2]}, 0.02, ctx)
+        local av, wv = {}, {}
+        for h = 1, heads do
+            av[h] = a:view({g.m, g.k}, (h - 1) * g.m * g.k)
+            wv[h] = w:view(b_shape, (h - 1) * g.n * g.k)
+        end
         local r = measure(ctx, clh, opts, function()
-            local c = clh.matmul(a, w, {trans_b = true})
+            for h = 1, heads do
+                local c = clh.matmul(av[h], wv[h], {trans_b = not g.plain_b})
+                c:free()
+            end
             ctx:finish()
-            c:free()
         end)
-        r.id, r.name, r.m, r.n, r.k = string.format("gemm_%dx%dx%d", g.m, g.k, g.n), g.name, g.m,
-                                      g.n, g.k
-        r.gflops = 2 * g.m * g.n * g.k / r.median_s / 1e9
+        r.id = string.format("gemm_%s%dx%dx%d", heads > 1 and heads .. "x" or "", g.m, g.k, g.n)
+        r.name, r.m, r.n, r.k, r.heads = g.name, g.m, g.n, g.k, heads
+        r.gflops = 2 * heads * g.m * g.n * g.k / r.median_s / 1e9
         out[#out + 1] = r
         report(r)
         a:free()
         w:free()
     end
+end
+
+local function shell_quote(s)
+    return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+-- --gemm-paths: CLHCLIP_GEMM is read at every GEMM call, so one context could switch paths,
+-- but Lua cannot set environment variables; one child process per path also keeps OpenBLAS's
+-- spinning worker threads (host path) out of the other paths' timings (toolchain.md 9.6).
+-- Paths alternate within each round; the table shows the median over rounds of each
+-- figure's median.
+local function compare_gemm_paths(opts)
+    local paths_list = {}
+    for p in opts.gemm_paths:gmatch("[^,%s]+") do paths_list[#paths_list + 1] = p end
+    local results = {} -- results[path][id] = list of {median_s, gflops}
+    local names, order = {}, {}
+    local tmp = os.tmpname()
+    for round = 1, opts.rounds do
+        for _, p in ipairs(paths_list) do
+            local cmd = string.format("CLHCLIP_GEMM=%s %s %s --what gemm --runs %d --warmup %d " ..
+                                          "--lua-results %s", shell_quote(p), shell_quote(arg[-1]),
+                                      shell_quote(arg[0]), opts.runs, opts.warmup,
+                                      shell_quote(tmp))
+            if opts.platform then cmd = cmd .. " --platform " .. shell_quote(opts.platform) end
+            if opts.device then cmd = cmd .. " --device " .. shell_quote(opts.device) end
+            print(string.format("-- round %d, CLHCLIP_GEMM=%s", round, p))
+            io.stdout:flush()
+            if not os.execute(cmd) then error("child benchmark failed: " .. cmd, 0) end
+            local rs = dofile(tmp)
+            results[p] = results[p] or {}
+            for _, r in ipairs(rs) do
+                if not names[r.id] then
+                    names[r.id] = r.name
+                    order[#order + 1] = r.id
+                end
+                results[p][r.id] = results[p][r.id] or {}
+                table.insert(results[p][r.id], r)
+            end
+        end
+    end
+    os.remove(tmp)
+    local header = string.format("%-44s", "GEMM figure (median of per-round medians)")
+    for _, p in ipairs(paths_list) do header = header .. string.format(" | %-21s", p) end
+    print(header)
+    for _, id in ipairs(order) do
+        local line = string.format("%-44s", names[id]:sub(1, 44))
+        for _, p in ipairs(paths_list) do
+            local rs = results[p] and results[p][id] or {}
+            local ms, gf = {}, {}
+            for i, r in ipairs(rs) do ms[i], gf[i] = r.median_s * 1e3, r.gflops end
+            if #ms > 0 then
+                line = line .. string.format(" | %8.2f ms %6.1f GF/s", median(ms), median(gf))
+            else
+                line = line .. string.format(" | %-21s", "-")
+            end
+        end
+        print(line)
+    end
+end
+
+local function lua_literal(v)
+    if type(v) == "table" then
+        local parts = {}
+        for k2, x in pairs(v) do
+            parts[#parts + 1] = "[" .. lua_literal(k2) .. "] = " .. lua_literal(x)
+        end
+        return "{" .. table.concat(parts, ", ") .. "}"
+    elseif type(v) == "string" then
+        return string.format("%q", v)
+    end
+    return string.format(math.type(v) == "integer" and "%d" or "%.17g", v)
 end
 
 -- Attention core of one ViT-B/16 layer at 384x384: 12 heads, 577 tokens, head dim 64, as
@@ -238,6 +335,10 @@ argparse.main(function()
     local opts = parser:parse(arg)
     if opts.runs < 1 then error("--runs must be at least 1", 0) end
     if opts.warmup < 1 then error("--warmup must be at least 1", 0) end
+    if opts.gemm_paths then
+        if opts.rounds < 1 then error("--rounds must be at least 1", 0) end
+        return compare_gemm_paths(opts)
+    end
     local want = {}
     for item in opts.what:gmatch("[^,%s]+") do
         if item == "all" then
@@ -256,8 +357,10 @@ argparse.main(function()
     local ctx = clh.init {platform = opts.platform, device = opts.device}
     local dev = ctx:device()
     local gemm_path = os.getenv("CLHCLIP_GEMM") or "auto"
-    print(string.format("device: %s (%s, %s, %d compute units); GEMM path: CLHCLIP_GEMM=%s",
-                        dev.name, dev.type, dev.driver, dev.compute_units, gemm_path))
+    local attention_path = os.getenv("CLHCLIP_ATTENTION") or "auto"
+    print(string.format("device: %s (%s, %s, %d compute units); GEMM path: CLHCLIP_GEMM=%s; " ..
+                            "attention: CLHCLIP_ATTENTION=%s", dev.name, dev.type, dev.driver,
+                        dev.compute_units, gemm_path, attention_path))
     print(string.format("runs %d after %d warm-up call(s); times wait for the device",
                         opts.runs, opts.warmup))
     local out = {}
@@ -288,11 +391,17 @@ argparse.main(function()
     end
     print(string.format("clBuildProgram total %.3f s; peak device memory %.1f MiB",
                         ctx:build_seconds(), ctx:peak_device_bytes() / 2 ^ 20))
+    if opts.lua_results then
+        local f = assert(io.open(opts.lua_results, "w"))
+        f:write("return ", lua_literal(out), "\n")
+        f:close()
+    end
     if opts.json then
         local results = setmetatable({}, ARRAY)
         for _, r in ipairs(out) do results[#results + 1] = r end
         local doc = {device = dev.name, device_type = dev.type, driver = dev.driver,
-                     gemm_path = gemm_path, runs = opts.runs, warmup = opts.warmup,
+                     gemm_path = gemm_path, attention_path = attention_path, runs = opts.runs,
+                     warmup = opts.warmup,
                      build_seconds = ctx:build_seconds(),
                      peak_device_bytes = ctx:peak_device_bytes(), results = results}
         local f = assert(io.open(opts.json, "w"))

@@ -1,8 +1,9 @@
-/* The two GEMM paths (CLBlast on the device, host BLAS on mapped buffers) give the same
- * results within 1e-5 relative on every kind of call the library makes: transpositions,
- * padded leading dimensions, offset views, beta 0 over NaN, beta 1, strided batches, a
- * shared A, and A/B/C carved from one buffer like the workspace. Also the path selection
- * ($CLHCLIP_GEMM, the override, auto on the device). */
+/* The three GEMM paths (CLBlast on the device, host BLAS on mapped buffers, clhclip's own
+ * OpenCL kernels) give the same results within 1e-5 relative on every kind of call the
+ * library makes: transpositions, padded leading dimensions, offset views, beta 0 over NaN,
+ * beta 1, strided batches, a shared A, A/B/C carved from one buffer like the workspace, odd
+ * sizes in every dimension, and the encoders' shapes (the largest only with
+ * CLHCLIP_LARGE_TESTS=1). Also the path selection ($CLHCLIP_GEMM, the override, auto). */
 #include "testutil.h"
 
 #include "gemm_host.h"
@@ -160,18 +161,26 @@ static void check_case(clh_ctx *ctx, const gemm_case *g) {
             c0[i] = NAN;
     float *host = run_case(ctx, g, CLH_GEMM_HOST, a, b, c0);
     float *blast = run_case(ctx, g, CLH_GEMM_CLBLAST, a, b, c0);
+    float *ocl = run_case(ctx, g, CLH_GEMM_OCL, a, b, c0);
     char what[160];
     snprintf(what, sizeof what, "%s: host vs clblast", g->name);
     assert_same(what, host, blast, l.nc, REL, 1e-7);
+    snprintf(what, sizeof what, "%s: ocl vs clblast", g->name);
+    assert_same(what, ocl, blast, l.nc, REL, 1e-7);
+    snprintf(what, sizeof what, "%s: ocl vs host", g->name);
+    assert_same(what, ocl, host, l.nc, REL, 1e-7);
     if (g->m * g->n * g->k * g->batch <= 4000000) {
         ref_case(g, a, b, c0); /* c0 becomes the reference (NaN stays where unwritten) */
-        snprintf(what, sizeof what, "%s: host vs double reference", g->name);
-        assert_same(what, host, c0, l.nc, REL, 1e-7);
-        snprintf(what, sizeof what, "%s: clblast vs double reference", g->name);
-        assert_same(what, blast, c0, l.nc, REL, 1e-7);
+        float *paths[3] = {host, blast, ocl};
+        const char *names[3] = {"host", "clblast", "ocl"};
+        for (int i = 0; i < 3; i++) {
+            snprintf(what, sizeof what, "%s: %s vs double reference", g->name, names[i]);
+            assert_same(what, paths[i], c0, l.nc, REL, 1e-7);
+        }
     }
     free(host);
     free(blast);
+    free(ocl);
     free(a);
     free(b);
     free(c0);
@@ -345,6 +354,190 @@ static void test_paths_agree(void **state) {
         check_case(ctx, &cases[i]);
 }
 
+/* Each of m, n, k in turn over 1, 3, 17, 33, 65 (the others odd too), every transpose
+ * combination, offset views, padded leading dimensions, beta != 0; every other case also
+ * batched. These cross the kernel's 8 x 16 tile edges from both sides. */
+static void test_odd_sizes(void **state) {
+    TU_CTX_OR_SKIP(ctx);
+    static const size_t sizes[] = {1, 3, 17, 33, 65};
+    int count = 0;
+    for (int dim = 0; dim < 3; dim++)
+        for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
+            for (int t = 0; t < 4; t++) {
+                size_t mnk[3] = {17, 33, 3};
+                mnk[dim] = sizes[s];
+                char name[96];
+                snprintf(name, sizeof name, "odd %s%s m=%zu n=%zu k=%zu", t & 1 ? "T" : "N",
+                         t & 2 ? "T" : "N", mnk[0], mnk[1], mnk[2]);
+                gemm_case g = {name,
+                               t & 1,
+                               (t & 2) != 0,
+                               mnk[0],
+                               mnk[1],
+                               mnk[2],
+                               count % 2 ? 2 : 1,
+                               0.75f,
+                               -0.5f,
+                               1,
+                               2,
+                               3,
+                               1,
+                               0,
+                               2,
+                               5,
+                               3,
+                               7,
+                               0,
+                               0,
+                               0};
+                check_case(ctx, &g);
+                count++;
+            }
+}
+
+/* The encoders' GEMMs: ViT-B/16 at 384 (577 tokens; projections, MLP, attention per head)
+ * and the text encoder over 171 prompts x 77 tokens. The mid-size one always runs; the rest
+ * with CLHCLIP_LARGE_TESTS=1. */
+static void test_encoder_shapes(void **state) {
+    TU_CTX_OR_SKIP(ctx);
+    static const gemm_case mid = {"mid 289x384x192 NT beta 1",
+                                  0,
+                                  1,
+                                  289,
+                                  192,
+                                  384,
+                                  1,
+                                  1.0f,
+                                  1.0f,
+                                  0,
+                                  0,
+                                  0,
+                                  0,
+                                  0,
+                                  0,
+                                  3,
+                                  5,
+                                  7,
+                                  0,
+                                  0,
+                                  0};
+    check_case(ctx, &mid);
+    const char *large = getenv("CLHCLIP_LARGE_TESTS");
+    if (!large || strcmp(large, "1") != 0) {
+        fprintf(stderr, "test_encoder_shapes: large shapes skipped (set CLHCLIP_LARGE_TESTS=1)\n");
+        return;
+    }
+    static const gemm_case big[] = {
+        {"vit 577x768x768 NT",
+         0,
+         1,
+         577,
+         768,
+         768,
+         1,
+         1.0f,
+         0.0f,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         1,
+         0},
+        {"vit fc1 577x768x3072 NT",
+         0,
+         1,
+         577,
+         3072,
+         768,
+         1,
+         1.0f,
+         1.0f,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0},
+        {"vit fc2 577x3072x768 NT",
+         0,
+         1,
+         577,
+         768,
+         3072,
+         1,
+         1.0f,
+         1.0f,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0},
+        {"text 13167x512x512 NT",
+         0,
+         1,
+         13167,
+         512,
+         512,
+         1,
+         1.0f,
+         0.0f,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         1,
+         0},
+        {"vit dW 768x577x768 TN",
+         1,
+         0,
+         768,
+         768,
+         577,
+         1,
+         1.0f,
+         1.0f,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0,
+         0},
+    };
+    for (size_t i = 0; i < sizeof big / sizeof big[0]; i++)
+        check_case(ctx, &big[i]);
+}
+
 static void test_selection(void **state) {
     TU_CTX_OR_SKIP(ctx);
     const char *saved = getenv("CLHCLIP_GEMM");
@@ -367,6 +560,9 @@ static void test_selection(void **state) {
     setenv("CLHCLIP_GEMM", "HOST", 1);
     TU_OK(clh_gemm_resolve_path(ctx, &p));
     assert_int_equal(p, CLH_GEMM_HOST);
+    setenv("CLHCLIP_GEMM", "ocl", 1);
+    TU_OK(clh_gemm_resolve_path(ctx, &p));
+    assert_int_equal(p, CLH_GEMM_OCL);
     /* the in-process override wins over the environment */
     clh_gemm_set_path(CLH_GEMM_CLBLAST);
     TU_OK(clh_gemm_resolve_path(ctx, &p));
@@ -375,7 +571,7 @@ static void test_selection(void **state) {
 
     setenv("CLHCLIP_GEMM", "openblas", 1);
     TU_FAILS(clh_gemm_resolve_path(ctx, &p), CLH_ERR_INVALID_ARGUMENT,
-             "CLHCLIP_GEMM='openblas' is not one of clblast, host, auto");
+             "CLHCLIP_GEMM='openblas' is not one of clblast, host, ocl, auto");
     int64_t s[2] = {2, 2};
     clh_tensor *t = NULL;
     TU_OK(clh_tensor_new(ctx, 2, s, &t));
@@ -399,6 +595,8 @@ static int teardown(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_paths_agree),
+        cmocka_unit_test(test_odd_sizes),
+        cmocka_unit_test(test_encoder_shapes),
         cmocka_unit_test(test_selection),
     };
     return cmocka_run_group_tests(tests, NULL, teardown);
