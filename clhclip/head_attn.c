@@ -1,10 +1,13 @@
 /* Attention and utility ops of the CAT-Seg head (head_ops.h): Swin window attention, linear
  * (elu + 1) attention, the 0213 permutation, row concatenation with broadcast, row max and
  * the per-class BCE loss. Argument and shape checks here, the work in kernels/head_attn.cl.
- * The attention ops are fused kernels (one work-item per query or key and head) that never
- * materialise the score matrices; their backward passes recompute the scores. */
+ * The attention ops are fused kernels that never materialise the score matrices in global
+ * memory; their backward passes recompute the scores. The window attention and the row
+ * concatenation have two kernel families (CLHCLIP_HATTN_KERNELS, see runs_mode): one
+ * work-item per query / element (GPUs) and work-items looping over contiguous runs (CPUs). */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "head_ops.h"
 #include "layer_util.h"
@@ -78,7 +81,7 @@ static clh_status ws_vector(clh_ctx *ctx, size_t n, clh_tensor **out) {
 /* ------------------------------------------------------------------ window attention */
 
 typedef struct win_args {
-    int total, grid_h, grid_w, window, shift, heads, dim;
+    int total, grid_h, grid_w, window, shift, heads, dim, hd;
     float scale;
 } win_args;
 
@@ -107,8 +110,76 @@ static clh_status check_window_attention(clh_ctx *ctx, const char *fn, const clh
                     .shift = shift,
                     .heads = heads,
                     .dim = (int)q->shape[2],
+                    .hd = hd,
                     .scale = 1.0f / sqrtf((float)hd)};
     return CLH_OK;
+}
+
+/* Launch plan of the work-group-per-block ("runs") kernels: one work-group per (sequence,
+ * window, head) block, P = window^2 positions staged in local memory. */
+typedef struct win_runs {
+    int use;        /* 0: the per-item kernels run instead */
+    int blocks;     /* work-groups */
+    size_t len;     /* P */
+    size_t local;   /* work-items per group */
+    size_t scratch; /* bytes of the per-item score rows */
+} win_runs;
+
+/* CLHCLIP_HATTN_KERNELS selects the kernels of the window attention and the row
+ * concatenation: "runs" (work-items that loop over contiguous runs: a work-group per window
+ * block, a work-item per run of a row), "items" (one work-item per query, key or element) or
+ * "auto" (default: runs on CPU devices, where the run loops vectorise and divisions are
+ * rare, measured 5x+ faster on PoCL; items elsewhere, where they coalesce). */
+static clh_status runs_mode(clh_ctx *ctx, const char *fn, int *want_runs, int *forced) {
+    const char *mode = getenv("CLHCLIP_HATTN_KERNELS");
+    *forced = 0;
+    if (!mode || !*mode || strcmp(mode, "auto") == 0) {
+        *want_runs = ctx->info.is_cpu;
+        return CLH_OK;
+    }
+    *forced = 1;
+    if (strcmp(mode, "runs") == 0 || strcmp(mode, "items") == 0) {
+        *want_runs = strcmp(mode, "runs") == 0;
+        return CLH_OK;
+    }
+    return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT,
+                    "%s: CLHCLIP_HATTN_KERNELS must be auto, runs or items, got \"%s\"", fn, mode);
+}
+
+/* Sizes the runs kernel: `mats` [P, hd] float arrays, `vecs` [P] 4-byte arrays and
+ * `rows_per_item` score rows of P floats per work-item must fit the device's local memory
+ * (the group shrinks until they do). When they cannot, auto mode falls back to the
+ * per-item kernels and a forced "runs" fails. */
+static clh_status window_runs_plan(clh_ctx *ctx, const char *fn, const char *kernel,
+                                   const win_args *a, int mats, int vecs, int rows_per_item,
+                                   win_runs *r) {
+    int want = 0, forced = 0;
+    CLH_TRY(runs_mode(ctx, fn, &want, &forced));
+    r->use = 0;
+    if (!want)
+        return CLH_OK;
+    r->len = (size_t)a->window * (size_t)a->window;
+    r->blocks = (int)((size_t)a->total / r->len);
+    size_t fixed = ((size_t)mats * (size_t)a->hd + (size_t)vecs) * r->len * sizeof(float);
+    size_t row = (size_t)rows_per_item * r->len * sizeof(float);
+    CLH_TRY(clh_group_size(ctx, kernel, r->len < 64 ? r->len : 64, &r->local));
+    while (r->local > 1 && fixed + r->local * row > ctx->info.local_mem)
+        r->local /= 2;
+    r->scratch = r->local * row;
+    r->use = fixed + r->scratch <= ctx->info.local_mem;
+    if (!r->use && forced)
+        return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT,
+                        "%s: window %d x %d with head width %d needs %zu bytes of local memory; "
+                        "the device has %llu (unset CLHCLIP_HATTN_KERNELS=runs)",
+                        fn, a->window, a->window, a->hd, fixed + r->scratch,
+                        (unsigned long long)ctx->info.local_mem);
+    return CLH_OK;
+}
+
+static clh_status launch_runs(clh_ctx *ctx, const char *kernel, const win_runs *r, int nargs,
+                              const clh_karg *args) {
+    size_t global[1] = {(size_t)r->blocks * r->local}, local[1] = {r->local};
+    return clh_launch(ctx, kernel, 1, global, local, nargs, args);
 }
 
 clh_status clh_window_attention_forward(clh_ctx *ctx, const clh_tensor *q, const clh_tensor *k,
@@ -120,6 +191,18 @@ clh_status clh_window_attention_forward(clh_ctx *ctx, const clh_tensor *q, const
     CLH_TRY(check_qkv(ctx, fn, q, k, v, NULL, 1, names, outs));
     win_args a;
     CLH_TRY(check_window_attention(ctx, fn, q, grid_h, grid_w, window, shift, heads, &a));
+    win_runs r;
+    CLH_TRY(window_runs_plan(ctx, fn, "hattn_window_forward_runs", &a, 2, 2, 1, &r));
+    if (r.use) {
+        size_t mat = r.len * (size_t)a.hd * sizeof(float), vec = r.len * sizeof(int);
+        clh_karg args[] = {CLH_KTENSOR(q),     CLH_KTENSOR(k),       CLH_KTENSOR(v),
+                           CLH_KTENSOR(out),   CLH_KARG(r.blocks),   CLH_KARG(a.grid_h),
+                           CLH_KARG(a.grid_w), CLH_KARG(a.window),   CLH_KARG(a.shift),
+                           CLH_KARG(a.heads),  CLH_KARG(a.dim),      CLH_KARG(a.scale),
+                           CLH_KLOCAL(mat),    CLH_KLOCAL(mat),      CLH_KLOCAL(vec),
+                           CLH_KLOCAL(vec),    CLH_KLOCAL(r.scratch)};
+        return launch_runs(ctx, "hattn_window_forward_runs", &r, NARGS(args), args);
+    }
     clh_karg args[] = {CLH_KTENSOR(q),     CLH_KTENSOR(k),     CLH_KTENSOR(v),
                        CLH_KTENSOR(out),   CLH_KARG(a.total),  CLH_KARG(a.grid_h),
                        CLH_KARG(a.grid_w), CLH_KARG(a.window), CLH_KARG(a.shift),
@@ -127,10 +210,40 @@ clh_status clh_window_attention_forward(clh_ctx *ctx, const clh_tensor *q, const
     return clh_launch_1d(ctx, "hattn_window_forward", (size_t)a.total, NARGS(args), args);
 }
 
-static clh_status window_backward_kernels(clh_ctx *ctx, const clh_tensor *q, const clh_tensor *k,
-                                          const clh_tensor *v, const clh_tensor *dout,
-                                          const win_args *a, clh_tensor *stats, clh_tensor *dq,
-                                          clh_tensor *dk, clh_tensor *dv) {
+/* The runs kernels of the backward (plans sized by window_runs_plan). */
+static clh_status window_backward_runs(clh_ctx *ctx, const clh_tensor *q, const clh_tensor *k,
+                                       const clh_tensor *v, const clh_tensor *dout,
+                                       const win_args *a, const win_runs *rq, const win_runs *rk,
+                                       clh_tensor *stats, clh_tensor *dq, clh_tensor *dk,
+                                       clh_tensor *dv) {
+    size_t mat = rq->len * (size_t)a->hd * sizeof(float), vec = rq->len * sizeof(int);
+    clh_karg qargs[] = {
+        CLH_KTENSOR(q),      CLH_KTENSOR(k),      CLH_KTENSOR(v),       CLH_KTENSOR(dout),
+        CLH_KTENSOR(dq),     CLH_KTENSOR(stats),  CLH_KARG(rq->blocks), CLH_KARG(a->grid_h),
+        CLH_KARG(a->grid_w), CLH_KARG(a->window), CLH_KARG(a->shift),   CLH_KARG(a->heads),
+        CLH_KARG(a->dim),    CLH_KARG(a->scale),  CLH_KLOCAL(mat),      CLH_KLOCAL(mat),
+        CLH_KLOCAL(mat),     CLH_KLOCAL(vec),     CLH_KLOCAL(vec),      CLH_KLOCAL(rq->scratch)};
+    CLH_TRY(launch_runs(ctx, "hattn_window_backward_q_runs", rq, NARGS(qargs), qargs));
+    clh_karg kargs[] = {
+        CLH_KTENSOR(q),      CLH_KTENSOR(k),      CLH_KTENSOR(v),      CLH_KTENSOR(dout),
+        CLH_KTENSOR(stats),  CLH_KTENSOR(dk),     CLH_KTENSOR(dv),     CLH_KARG(rk->blocks),
+        CLH_KARG(a->grid_h), CLH_KARG(a->grid_w), CLH_KARG(a->window), CLH_KARG(a->shift),
+        CLH_KARG(a->heads),  CLH_KARG(a->dim),    CLH_KARG(a->scale),  CLH_KLOCAL(mat),
+        CLH_KLOCAL(mat),     CLH_KLOCAL(mat),     CLH_KLOCAL(mat),     CLH_KLOCAL(vec),
+        CLH_KLOCAL(vec),     CLH_KLOCAL(vec),     CLH_KLOCAL(vec),     CLH_KLOCAL(rk->scratch)};
+    return launch_runs(ctx, "hattn_window_backward_kv_runs", rk, NARGS(kargs), kargs);
+}
+
+static clh_status window_backward_kernels(clh_ctx *ctx, const char *fn, const clh_tensor *q,
+                                          const clh_tensor *k, const clh_tensor *v,
+                                          const clh_tensor *dout, const win_args *a,
+                                          clh_tensor *stats, clh_tensor *dq, clh_tensor *dk,
+                                          clh_tensor *dv) {
+    win_runs rq, rk;
+    CLH_TRY(window_runs_plan(ctx, fn, "hattn_window_backward_q_runs", a, 3, 2, 2, &rq));
+    CLH_TRY(window_runs_plan(ctx, fn, "hattn_window_backward_kv_runs", a, 4, 4, 2, &rk));
+    if (rq.use && rk.use)
+        return window_backward_runs(ctx, q, k, v, dout, a, &rq, &rk, stats, dq, dk, dv);
     clh_karg qargs[] = {CLH_KTENSOR(q),      CLH_KTENSOR(k),      CLH_KTENSOR(v),
                         CLH_KTENSOR(dout),   CLH_KTENSOR(dq),     CLH_KTENSOR(stats),
                         CLH_KARG(a->total),  CLH_KARG(a->grid_h), CLH_KARG(a->grid_w),
@@ -160,7 +273,7 @@ clh_status clh_window_attention_backward(clh_ctx *ctx, const clh_tensor *q, cons
     clh_tensor *stats = NULL; /* (logsumexp, dout . out) per query and head */
     clh_status st = ws_vector(ctx, 2 * (size_t)a.total, &stats);
     if (st == CLH_OK)
-        st = window_backward_kernels(ctx, q, k, v, dout, &a, stats, dq, dk, dv);
+        st = window_backward_kernels(ctx, fn, q, k, v, dout, &a, stats, dq, dk, dv);
     clh_tensor_release(stats);
     clh_ws_reset(ctx, mark);
     return st;
@@ -375,6 +488,12 @@ static clh_status check_rows(clh_ctx *ctx, const char *fn, const char *name, con
     return CLH_OK;
 }
 
+/* Runs of HATTN_RUN (kernels/head_attn.cl) elements per row of `cols`. */
+static int runs_per_row(int cols) {
+    enum { RUN = 256 };
+    return (cols + RUN - 1) / RUN;
+}
+
 clh_status clh_concat_rows(clh_ctx *ctx, const clh_tensor *a, int64_t ca, const clh_tensor *b,
                            int64_t cb, int64_t outer, int64_t repeat, int64_t inner,
                            clh_tensor *y) {
@@ -387,10 +506,40 @@ clh_status clh_concat_rows(clh_ctx *ctx, const clh_tensor *a, int64_t ca, const 
     CLH_TRY(clh_check_no_alias(ctx, fn, "y", y, "a", a));
     CLH_TRY(clh_check_no_alias(ctx, fn, "y", y, "b", b));
     const clh_tensor *aa = a ? a : y, *bb = b ? b : y; /* unread when empty */
+    int runs = 0, forced = 0;
+    CLH_TRY(runs_mode(ctx, fn, &runs, &forced));
+    if (runs) {
+        int rows = (int)c.rows_a, per_row = runs_per_row(c.ca + c.cb);
+        clh_karg args[] = {CLH_KTENSOR(aa),   CLH_KTENSOR(bb), CLH_KTENSOR(y),
+                           CLH_KARG(c.ca),    CLH_KARG(c.cb),  CLH_KARG(c.repeat),
+                           CLH_KARG(c.inner), CLH_KARG(rows),  CLH_KARG(per_row)};
+        return clh_launch_1d(ctx, "hattn_concat_rows_runs", (size_t)rows * (size_t)per_row,
+                             NARGS(args), args);
+    }
     int total = (int)y->numel;
     clh_karg args[] = {CLH_KTENSOR(aa), CLH_KTENSOR(bb),    CLH_KTENSOR(y),    CLH_KARG(c.ca),
                        CLH_KARG(c.cb),  CLH_KARG(c.repeat), CLH_KARG(c.inner), CLH_KARG(total)};
     return clh_launch_1d(ctx, "hattn_concat_rows", y->numel, NARGS(args), args);
+}
+
+static clh_status concat_backward_runs(clh_ctx *ctx, const clh_tensor *dy, const concat_args *c,
+                                       clh_tensor *da, clh_tensor *db) {
+    if (da && c->ca > 0) {
+        int rows = (int)c->rows_a, per_row = runs_per_row(c->ca);
+        clh_karg args[] = {CLH_KTENSOR(dy), CLH_KTENSOR(da), CLH_KARG(c->ca),
+                           CLH_KARG(c->cb), CLH_KARG(rows),  CLH_KARG(per_row)};
+        CLH_TRY(clh_launch_1d(ctx, "hattn_concat_rows_da_runs", (size_t)rows * (size_t)per_row,
+                              NARGS(args), args));
+    }
+    if (db && c->cb > 0) {
+        int rows = (int)c->rows_b, per_row = runs_per_row(c->cb);
+        clh_karg args[] = {CLH_KTENSOR(dy), CLH_KTENSOR(db),     CLH_KARG(c->ca),
+                           CLH_KARG(c->cb), CLH_KARG(c->repeat), CLH_KARG(c->inner),
+                           CLH_KARG(rows),  CLH_KARG(per_row)};
+        CLH_TRY(clh_launch_1d(ctx, "hattn_concat_rows_db_runs", (size_t)rows * (size_t)per_row,
+                              NARGS(args), args));
+    }
+    return CLH_OK;
 }
 
 clh_status clh_concat_rows_backward(clh_ctx *ctx, const clh_tensor *dy, int64_t ca, int64_t cb,
@@ -409,6 +558,10 @@ clh_status clh_concat_rows_backward(clh_ctx *ctx, const clh_tensor *dy, int64_t 
     CLH_TRY(clh_check_no_alias(ctx, fn, "da", da, "dy", dy));
     CLH_TRY(clh_check_no_alias(ctx, fn, "db", db, "dy", dy));
     CLH_TRY(clh_check_no_alias(ctx, fn, "db", db, "da", da));
+    int runs = 0, forced = 0;
+    CLH_TRY(runs_mode(ctx, fn, &runs, &forced));
+    if (runs)
+        return concat_backward_runs(ctx, dy, &c, da, db);
     if (da && c.ca > 0) {
         int total = (int)da->numel;
         clh_karg args[] = {CLH_KTENSOR(dy), CLH_KTENSOR(da), CLH_KARG(c.ca), CLH_KARG(c.cb),

@@ -111,8 +111,8 @@ __kernel void hattn_window_forward(__global const float *q, const int q_off,
                                    __global const float *k, const int k_off,
                                    __global const float *v, const int v_off, __global float *out,
                                    const int out_off, const int total, const int grid_h,
-                                   const int grid_w, const int ws, const int shift,
-                                   const int heads, const int dim, const float scale) {
+                                   const int grid_w, const int ws, const int shift, const int heads,
+                                   const int dim, const float scale) {
     int gid = get_global_id(0);
     if (gid >= total)
         return;
@@ -211,15 +211,12 @@ __kernel void hattn_window_backward_q(__global const float *q, const int q_off,
 
 /* Backward, key side: per key j, dv_j = sum_i P_ij dout_i and
  * dk_j = scale sum_i P_ij (dP_ij - D_i) q_i, with P recomputed from lse. */
-__kernel void hattn_window_backward_kv(__global const float *q, const int q_off,
-                                       __global const float *k, const int k_off,
-                                       __global const float *v, const int v_off,
-                                       __global const float *dout, const int dout_off,
-                                       __global const float *stats, const int stats_off,
-                                       __global float *dk, const int dk_off, __global float *dv,
-                                       const int dv_off, const int total, const int grid_h,
-                                       const int grid_w, const int ws, const int shift,
-                                       const int heads, const int dim, const float scale) {
+__kernel void hattn_window_backward_kv(
+    __global const float *q, const int q_off, __global const float *k, const int k_off,
+    __global const float *v, const int v_off, __global const float *dout, const int dout_off,
+    __global const float *stats, const int stats_off, __global float *dk, const int dk_off,
+    __global float *dv, const int dv_off, const int total, const int grid_h, const int grid_w,
+    const int ws, const int shift, const int heads, const int dim, const float scale) {
     int gid = get_global_id(0);
     if (gid >= total)
         return;
@@ -253,6 +250,296 @@ __kernel void hattn_window_backward_kv(__global const float *q, const int q_off,
     for (int d = 0; d < g.hd; d++) {
         dk[dk_off + k_row + d] = dka[d];
         dv[dv_off + k_row + d] = dva[d];
+    }
+}
+
+/* ---------------------------------------------------- window attention, CPU ("runs") path */
+
+/* One work-group per (sequence, window, head) block, work-items looping over positions.
+ * The block's keys and values are staged in local memory, transposed where the inner loop
+ * runs over positions, so that every inner loop walks a contiguous run without division:
+ * a CPU compiler vectorises those loops (per-item online softmax with private arrays does
+ * not vectorise on CPUs). Each work-item keeps one row of scores in `scratch`
+ * ([local size, P] floats, P = ws * ws). Block b = (n n_win + w) heads + h, as in the
+ * per-item kernels, so the stats layout is shared. */
+
+/* Cooperative staging: rows[p] = element offset of position p's head row (no tensor offset)
+ * and regions[p] = its mask region. */
+static void hattn_block_geometry(const hattn_win *g, int b, __local int *rows,
+                                 __local int *regions) {
+    int h = b % g->heads, nw = b / g->heads, n = nw / g->n_win, w = nw % g->n_win;
+    int y0 = (w / g->n_wx) * g->ws, x0 = (w % g->n_wx) * g->ws, len = g->ws * g->ws;
+    for (int p = get_local_id(0); p < len; p += get_local_size(0)) {
+        int ry = y0 + p / g->ws, rx = x0 + p % g->ws;
+        int oy = ry + g->shift, ox = rx + g->shift;
+        oy -= oy >= g->grid_h ? g->grid_h : 0;
+        ox -= ox >= g->grid_w ? g->grid_w : 0;
+        rows[p] = ((n * g->grid_h + oy) * g->grid_w + ox) * g->dim + h * g->hd;
+        regions[p] = 3 * hattn_part(ry, g->grid_h, g->ws, g->shift) +
+                     hattn_part(rx, g->grid_w, g->ws, g->shift);
+    }
+}
+
+/* Copies the block's head rows of x (after rows[] is visible): transposed [hd, P] into xt
+ * and/or row-major [P, hd] into xr (either may be NULL). */
+static void hattn_stage(__global const float *x, int off, __local const int *rows, int len, int hd,
+                        __local float *xt, __local float *xr) {
+    for (int p = get_local_id(0); p < len; p += get_local_size(0)) {
+        __global const float *src = x + off + rows[p];
+        for (int d = 0; d < hd; d++) {
+            float val = src[d];
+            if (xt)
+                xt[d * len + p] = val;
+            if (xr)
+                xr[p * hd + d] = val;
+        }
+    }
+}
+
+/* t[j] = sum_d a[d] xt[d, j] * scale, d ascending (the per-item kernels' order): a is the
+ * head row at a_row. Eight d at a time, added one after another, so that t[j] is loaded and
+ * stored once per eight products without changing the order of the sum. */
+static void hattn_dots_row(__global const float *a, int a_row, float scale, __local const float *xt,
+                           int len, int hd, __local float *t) {
+    for (int j = 0; j < len; j++)
+        t[j] = 0.0f;
+    int d = 0;
+    for (; d + 8 <= hd; d += 8) {
+        __global const float *ar = a + a_row + d;
+        float a0 = ar[0] * scale, a1 = ar[1] * scale, a2 = ar[2] * scale, a3 = ar[3] * scale;
+        float a4 = ar[4] * scale, a5 = ar[5] * scale, a6 = ar[6] * scale, a7 = ar[7] * scale;
+        __local const float *x = xt + d * len;
+        for (int j = 0; j < len; j++) {
+            float acc = t[j] + a0 * x[j];
+            acc += a1 * x[len + j];
+            acc += a2 * x[2 * len + j];
+            acc += a3 * x[3 * len + j];
+            acc += a4 * x[4 * len + j];
+            acc += a5 * x[5 * len + j];
+            acc += a6 * x[6 * len + j];
+            t[j] = acc + a7 * x[7 * len + j];
+        }
+    }
+    for (; d < hd; d++) {
+        float ad = a[a_row + d] * scale;
+        __local const float *x = xt + d * len;
+        for (int j = 0; j < len; j++)
+            t[j] += ad * x[j];
+    }
+}
+
+/* Scores of one query (or key) against the block: dots minus 100 where the region differs. */
+static void hattn_scores_row(__global const float *a, int a_row, float scale,
+                             __local const float *xt, __local const int *regions, int region,
+                             int len, int hd, __local float *s) {
+    hattn_dots_row(a, a_row, scale, xt, len, hd, s);
+    for (int j = 0; j < len; j++)
+        s[j] -= regions[j] != region ? 100.0f : 0.0f;
+}
+
+/* acc[0, hd) = sum_j w[j] xr[j, :], j ascending; four j at a time, added in order. */
+static void hattn_mix_rows(__local const float *w, __local const float *xr, int len, int hd,
+                           float *acc) {
+    for (int e = 0; e < hd; e++)
+        acc[e] = 0.0f;
+    int j = 0;
+    for (; j + 4 <= len; j += 4) {
+        float w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+        __local const float *r = xr + j * hd;
+        for (int e = 0; e < hd; e++) {
+            float sum = acc[e] + w0 * r[e];
+            sum += w1 * r[hd + e];
+            sum += w2 * r[2 * hd + e];
+            acc[e] = sum + w3 * r[3 * hd + e];
+        }
+    }
+    for (; j < len; j++) {
+        float wj = w[j];
+        __local const float *r = xr + j * hd;
+        for (int e = 0; e < hd; e++)
+            acc[e] += wj * r[e];
+    }
+}
+
+/* Reductions of a row over eight interleaved partial results, so that the CPU compiler can
+ * keep them in one vector register (a single running sum would serialise on the add
+ * latency). The sum's order differs from a sequential one by roundings only. */
+static float hattn_lanes_max(__local const float *s, int len) {
+    float part[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                     -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int j = 0;
+    for (; j + 8 <= len; j += 8)
+        for (int u = 0; u < 8; u++)
+            part[u] = fmax(part[u], s[j + u]);
+    float m = -INFINITY;
+    for (; j < len; j++)
+        m = fmax(m, s[j]);
+    for (int u = 0; u < 8; u++)
+        m = fmax(m, part[u]);
+    return m;
+}
+
+/* sum_j a[j] * (b ? b[j] : 1). */
+static float hattn_lanes_dot(__local const float *a, __local const float *b, int len) {
+    float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int j = 0;
+    for (; j + 8 <= len; j += 8)
+        for (int u = 0; u < 8; u++)
+            part[u] += a[j + u] * (b ? b[j + u] : 1.0f);
+    float sum = 0.0f;
+    for (; j < len; j++)
+        sum += a[j] * (b ? b[j] : 1.0f);
+    for (int u = 0; u < 8; u++)
+        sum += part[u];
+    return sum;
+}
+
+/* exp(x) for the softmax numerators, x <= 0 (up to rounding; valid below 88): 2^n e^r with
+ * n = rint(x / ln 2), r = x - n ln 2 (ln 2 in two parts) and e^r by its degree-7 Taylor
+ * polynomial (|r| <= 0.35: relative error < 1e-8 before float rounding, about 2 ulp
+ * after); 0 below -87 (the true value is under 2^-125). Branch-free, so it vectorises: the
+ * built-in exp cost a third of the forward on PoCL. */
+static float hattn_exp(float x) {
+    float n = rint(x * 1.44269504088896341f);
+    float r = fma(n, -0.693145751953125f, x);
+    r = fma(n, -1.42860682030941723e-6f, r);
+    float p = fma(r, 1.98412698e-4f, 1.38888889e-3f);
+    p = fma(r, p, 8.33333333e-3f);
+    p = fma(r, p, 4.16666667e-2f);
+    p = fma(r, p, 1.66666667e-1f);
+    p = fma(r, p, 0.5f);
+    p = fma(r, p, 1.0f);
+    p = fma(r, p, 1.0f);
+    float scale = as_float((convert_int(fmax(n, -126.0f)) + 127) << 23);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+/* Softmax numerators in place: s[j] = exp(s[j] - max); returns max, *sum = sum of s. */
+static float hattn_exp_row(__local float *s, int len, float *sum) {
+    float m = hattn_lanes_max(s, len);
+    for (int j = 0; j < len; j++)
+        s[j] = hattn_exp(s[j] - m);
+    *sum = hattn_lanes_dot(s, 0, len);
+    return m;
+}
+
+/* Output row of query i (s: its score row). */
+static void hattn_forward_query(__global const float *q, int q_off, __global float *out,
+                                int out_off, float scale, __local const float *kt,
+                                __local const float *vr, __local const int *rows,
+                                __local const int *regions, int i, int len, int hd,
+                                __local float *s) {
+    float acc[HATTN_MAX_HD];
+    hattn_scores_row(q, q_off + rows[i], scale, kt, regions, regions[i], len, hd, s);
+    float l;
+    hattn_exp_row(s, len, &l);
+    hattn_mix_rows(s, vr, len, hd, acc);
+    float inv = 1.0f / l;
+    __global float *o = out + out_off + rows[i];
+    for (int e = 0; e < hd; e++)
+        o[e] = acc[e] * inv;
+}
+
+/* Local memory: kt [hd, P], vr [P, hd], rows and regions [P], scratch [local size, P]. */
+__kernel void hattn_window_forward_runs(
+    __global const float *q, const int q_off, __global const float *k, const int k_off,
+    __global const float *v, const int v_off, __global float *out, const int out_off,
+    const int blocks, const int grid_h, const int grid_w, const int ws, const int shift,
+    const int heads, const int dim, const float scale, __local float *kt, __local float *vr,
+    __local int *rows, __local int *regions, __local float *scratch) {
+    int b = get_group_id(0);
+    if (b >= blocks)
+        return; /* uniform over the work-group */
+    hattn_win g = hattn_win_make(grid_h, grid_w, ws, shift, heads, dim);
+    int len = ws * ws, hd = g.hd;
+    hattn_block_geometry(&g, b, rows, regions);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    hattn_stage(k, k_off, rows, len, hd, kt, 0);
+    hattn_stage(v, v_off, rows, len, hd, 0, vr);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    __local float *s = scratch + get_local_id(0) * len;
+    for (int i = get_local_id(0); i < len; i += get_local_size(0))
+        hattn_forward_query(q, q_off, out, out_off, scale, kt, vr, rows, regions, i, len, hd, s);
+}
+/* Query side of the backward (see hattn_window_backward_q). Local memory: kt, vt [hd, P],
+ * kr [P, hd], rows and regions [P], scratch [2 local size, P] (P, then dP). */
+__kernel void hattn_window_backward_q_runs(
+    __global const float *q, const int q_off, __global const float *k, const int k_off,
+    __global const float *v, const int v_off, __global const float *dout, const int dout_off,
+    __global float *dq, const int dq_off, __global float *stats, const int stats_off,
+    const int blocks, const int grid_h, const int grid_w, const int ws, const int shift,
+    const int heads, const int dim, const float scale, __local float *kt, __local float *vt,
+    __local float *kr, __local int *rows, __local int *regions, __local float *scratch) {
+    int b = get_group_id(0);
+    if (b >= blocks)
+        return; /* uniform over the work-group */
+    hattn_win g = hattn_win_make(grid_h, grid_w, ws, shift, heads, dim);
+    int len = ws * ws, hd = g.hd;
+    hattn_block_geometry(&g, b, rows, regions);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    hattn_stage(k, k_off, rows, len, hd, kt, kr);
+    hattn_stage(v, v_off, rows, len, hd, vt, 0);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    __local float *p = scratch + 2 * get_local_id(0) * len, *dp = p + len;
+    float acc[HATTN_MAX_HD];
+    for (int i = get_local_id(0); i < len; i += get_local_size(0)) {
+        hattn_scores_row(q, q_off + rows[i], scale, kt, regions, regions[i], len, hd, p);
+        float l, m = hattn_exp_row(p, len, &l);
+        hattn_dots_row(dout, dout_off + rows[i], 1.0f, vt, len, hd, dp);
+        float inv = 1.0f / l, delta = hattn_lanes_dot(p, dp, len) * inv;
+        for (int j = 0; j < len; j++)
+            p[j] = p[j] * inv * (dp[j] - delta); /* now dS */
+        hattn_mix_rows(p, kr, len, hd, acc);
+        __global float *o = dq + dq_off + rows[i];
+        for (int e = 0; e < hd; e++)
+            o[e] = acc[e] * scale;
+        int st = stats_off + 2 * (b * len + i);
+        stats[st] = m + log(l);
+        stats[st + 1] = delta;
+    }
+}
+
+/* Key side of the backward (see hattn_window_backward_kv). Local memory: qt, gt [hd, P],
+ * qr, gr [P, hd], rows and regions [P], lse and delta [P], scratch [2 local size, P]. */
+__kernel void hattn_window_backward_kv_runs(
+    __global const float *q, const int q_off, __global const float *k, const int k_off,
+    __global const float *v, const int v_off, __global const float *dout, const int dout_off,
+    __global const float *stats, const int stats_off, __global float *dk, const int dk_off,
+    __global float *dv, const int dv_off, const int blocks, const int grid_h, const int grid_w,
+    const int ws, const int shift, const int heads, const int dim, const float scale,
+    __local float *qt, __local float *gt, __local float *qr, __local float *gr, __local int *rows,
+    __local int *regions, __local float *lse, __local float *delta, __local float *scratch) {
+    int b = get_group_id(0);
+    if (b >= blocks)
+        return; /* uniform over the work-group */
+    hattn_win g = hattn_win_make(grid_h, grid_w, ws, shift, heads, dim);
+    int len = ws * ws, hd = g.hd;
+    hattn_block_geometry(&g, b, rows, regions);
+    for (int i = get_local_id(0); i < len; i += get_local_size(0)) {
+        lse[i] = stats[stats_off + 2 * (b * len + i)];
+        delta[i] = stats[stats_off + 2 * (b * len + i) + 1];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    hattn_stage(q, q_off, rows, len, hd, qt, qr);
+    hattn_stage(dout, dout_off, rows, len, hd, gt, gr);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    __local float *p = scratch + 2 * get_local_id(0) * len, *ds = p + len;
+    float dka[HATTN_MAX_HD], dva[HATTN_MAX_HD];
+    for (int j = get_local_id(0); j < len; j += get_local_size(0)) {
+        hattn_scores_row(k, k_off + rows[j], scale, qt, regions, regions[j], len, hd, p);
+        hattn_dots_row(v, v_off + rows[j], 1.0f, gt, len, hd, ds);
+        for (int i = 0; i < len; i++) {
+            float pij = hattn_exp(p[i] - lse[i]);
+            p[i] = pij;
+            ds[i] = pij * (ds[i] - delta[i]) * scale;
+        }
+        hattn_mix_rows(p, gr, len, hd, dva);
+        hattn_mix_rows(ds, qr, len, hd, dka);
+        __global float *ok = dk + dk_off + rows[j], *ov = dv + dv_off + rows[j];
+        for (int e = 0; e < hd; e++) {
+            ok[e] = dka[e];
+            ov[e] = dva[e];
+        }
     }
 }
 
@@ -302,12 +589,11 @@ static void hattn_lin_item(int gid, int seq, int heads, int *n, int *h, int *s) 
  * backward != 0 it also computes dq from dout and stores (1 / den, dden) in stats[2 gid]:
  * dnum = dout / den, dden = -(dout . out) / den,
  * dq = phi'(q) (kv dnum + dden ksum). */
-__kernel void hattn_linear_rows(__global const float *q, const int q_off,
-                                __global const float *kv, const int kv_off, const float eps,
-                                __global float *out, const int out_off, const int backward,
-                                __global const float *dout, const int dout_off,
-                                __global float *stats, const int stats_off, const int total,
-                                const int seq, const int heads, const int dim) {
+__kernel void hattn_linear_rows(__global const float *q, const int q_off, __global const float *kv,
+                                const int kv_off, const float eps, __global float *out,
+                                const int out_off, const int backward, __global const float *dout,
+                                const int dout_off, __global float *stats, const int stats_off,
+                                const int total, const int seq, const int heads, const int dim) {
     int gid = get_global_id(0);
     if (gid >= total)
         return;
@@ -353,9 +639,8 @@ __kernel void hattn_linear_rows(__global const float *q, const int q_off,
 
 /* dkv[(n heads + h), d, e] = sum_s phi(q_s[d]) dout_s[e] / den_s for e < hd and
  * dksum[d] = sum_s phi(q_s[d]) dden_s at e = hd: one work-item per (n, h, d). */
-__kernel void hattn_linear_dkv(__global const float *q, const int q_off,
-                               __global const float *dout, const int dout_off,
-                               __global const float *stats, const int stats_off,
+__kernel void hattn_linear_dkv(__global const float *q, const int q_off, __global const float *dout,
+                               const int dout_off, __global const float *stats, const int stats_off,
                                __global float *dkv, const int dkv_off, const int total,
                                const int seq, const int heads, const int dim) {
     int gid = get_global_id(0);
@@ -380,12 +665,11 @@ __kernel void hattn_linear_dkv(__global const float *q, const int q_off,
 
 /* Per key j (work-item order (n, h, j)): dk_j = phi'(k_j) (dkv v_j + dksum) and
  * dv_j = dkv^T phi(k_j). */
-__kernel void hattn_linear_dkdv(__global const float *k, const int k_off,
-                                __global const float *v, const int v_off,
-                                __global const float *dkv, const int dkv_off,
+__kernel void hattn_linear_dkdv(__global const float *k, const int k_off, __global const float *v,
+                                const int v_off, __global const float *dkv, const int dkv_off,
                                 __global float *dk, const int dk_off, __global float *dv,
-                                const int dv_off, const int total, const int seq,
-                                const int heads, const int dim) {
+                                const int dv_off, const int total, const int seq, const int heads,
+                                const int dim) {
     int gid = get_global_id(0);
     if (gid >= total)
         return;
@@ -467,10 +751,9 @@ __kernel void hattn_transpose_tiles(__global const float *x, const int x_off, __
 
 /* y row r = (o repeat + t) inner + i is [a row r | b row o inner + i]: one work-item per
  * element of y. */
-__kernel void hattn_concat_rows(__global const float *a, const int a_off,
-                                __global const float *b, const int b_off, __global float *y,
-                                const int y_off, const int ca, const int cb, const int repeat,
-                                const int inner, const int total) {
+__kernel void hattn_concat_rows(__global const float *a, const int a_off, __global const float *b,
+                                const int b_off, __global float *y, const int y_off, const int ca,
+                                const int cb, const int repeat, const int inner, const int total) {
     int idx = get_global_id(0);
     if (idx >= total)
         return;
@@ -484,9 +767,8 @@ __kernel void hattn_concat_rows(__global const float *a, const int a_off,
 }
 
 /* da = the first ca columns of dy. */
-__kernel void hattn_concat_rows_da(__global const float *dy, const int dy_off,
-                                   __global float *da, const int da_off, const int ca,
-                                   const int cb, const int total) {
+__kernel void hattn_concat_rows_da(__global const float *dy, const int dy_off, __global float *da,
+                                   const int da_off, const int ca, const int cb, const int total) {
     int idx = get_global_id(0);
     if (idx >= total)
         return;
@@ -495,10 +777,9 @@ __kernel void hattn_concat_rows_da(__global const float *dy, const int dy_off,
 }
 
 /* db[o inner + i, c] = sum over t of dy[(o repeat + t) inner + i, ca + c] (t ascending). */
-__kernel void hattn_concat_rows_db(__global const float *dy, const int dy_off,
-                                   __global float *db, const int db_off, const int ca,
-                                   const int cb, const int repeat, const int inner,
-                                   const int total) {
+__kernel void hattn_concat_rows_db(__global const float *dy, const int dy_off, __global float *db,
+                                   const int db_off, const int ca, const int cb, const int repeat,
+                                   const int inner, const int total) {
     int idx = get_global_id(0);
     if (idx >= total)
         return;
@@ -507,6 +788,67 @@ __kernel void hattn_concat_rows_db(__global const float *dy, const int dy_off,
     for (int t = 0; t < repeat; t++)
         acc += dy[dy_off + ((o * repeat + t) * inner + i) * (ca + cb) + ca + c];
     db[db_off + idx] = acc;
+}
+
+/* CPU variants ("runs" kernels): one work-item per run of up to HATTN_RUN contiguous
+ * elements of a row, so the index arithmetic (divisions) is paid once per run and the copy
+ * loops vectorise. 1-D ranges over rows * runs_per_row. */
+#define HATTN_RUN 256
+
+/* y row r: columns [lo, hi) of [a row r | b row o inner + i] (see hattn_concat_rows). */
+__kernel void hattn_concat_rows_runs(__global const float *a, const int a_off,
+                                     __global const float *b, const int b_off, __global float *y,
+                                     const int y_off, const int ca, const int cb, const int repeat,
+                                     const int inner, const int rows, const int runs_per_row) {
+    int gid = get_global_id(0);
+    if (gid >= rows * runs_per_row)
+        return;
+    int r = gid / runs_per_row, width = ca + cb;
+    int lo = (gid - r * runs_per_row) * HATTN_RUN, hi = min(lo + HATTN_RUN, width);
+    __global float *dst = y + y_off + r * width;
+    __global const float *src_a = a + a_off + r * ca;
+    for (int c = lo; c < min(hi, ca); c++)
+        dst[c] = src_a[c];
+    int o = r / (inner * repeat), i = r % inner;
+    __global const float *src_b = b + b_off + (o * inner + i) * cb;
+    for (int c = max(lo, ca); c < hi; c++)
+        dst[c] = src_b[c - ca];
+}
+
+/* da row r, columns [lo, hi) = dy row r, same columns. */
+__kernel void hattn_concat_rows_da_runs(__global const float *dy, const int dy_off,
+                                        __global float *da, const int da_off, const int ca,
+                                        const int cb, const int rows, const int runs_per_row) {
+    int gid = get_global_id(0);
+    if (gid >= rows * runs_per_row)
+        return;
+    int r = gid / runs_per_row;
+    int lo = (gid - r * runs_per_row) * HATTN_RUN, hi = min(lo + HATTN_RUN, ca);
+    __global const float *src = dy + dy_off + r * (ca + cb);
+    __global float *dst = da + da_off + r * ca;
+    for (int c = lo; c < hi; c++)
+        dst[c] = src[c];
+}
+
+/* db row rb = o inner + i, columns [lo, hi): the sum over t ascending, accumulated in db
+ * itself (the same order and roundings as hattn_concat_rows_db). */
+__kernel void hattn_concat_rows_db_runs(__global const float *dy, const int dy_off,
+                                        __global float *db, const int db_off, const int ca,
+                                        const int cb, const int repeat, const int inner,
+                                        const int rows, const int runs_per_row) {
+    int gid = get_global_id(0);
+    if (gid >= rows * runs_per_row)
+        return;
+    int rb = gid / runs_per_row, i = rb % inner, o = rb / inner;
+    int lo = (gid - rb * runs_per_row) * HATTN_RUN, hi = min(lo + HATTN_RUN, cb);
+    __global float *dst = db + db_off + rb * cb;
+    for (int c = lo; c < hi; c++)
+        dst[c] = 0.0f;
+    for (int t = 0; t < repeat; t++) {
+        __global const float *src = dy + dy_off + ((o * repeat + t) * inner + i) * (ca + cb) + ca;
+        for (int c = lo; c < hi; c++)
+            dst[c] += src[c];
+    }
 }
 
 /* ------------------------------------------------------------------ row max */
@@ -542,9 +884,8 @@ __kernel void hattn_row_max(__global const float *x, const int x_off, __global f
 __kernel void hattn_bce_loss(__global const float *logits, const int logits_off,
                              __global const int *labels, const int classes, const int pixels,
                              const int items, const int ignore_label, const int exclude,
-                             const float inv_count, const int write_grad,
-                             __global float *dlogits, const int dlogits_off,
-                             __global float *partial, const int partial_off,
+                             const float inv_count, const int write_grad, __global float *dlogits,
+                             const int dlogits_off, __global float *partial, const int partial_off,
                              __local float *scratch) {
     int gid = get_global_id(0), lid = get_local_id(0), size = get_local_size(0);
     float acc = 0.0f;

@@ -414,14 +414,24 @@ static void test_window_mask_rule(void **state) {
     assert_true(masked > 0 && masked < pairs);
 }
 
+/* Both kernel families (CLHCLIP_HATTN_KERNELS) on whatever device runs the tests. */
+static const char *const kernel_modes[] = {"runs", "items"};
+
 static void test_window_device(void **state) {
     (void)state;
-    qkv_fn a = win_fn(2, 6, 9, 3, 1, 8, 2);
-    device_check_qkv("window 6x9 w3 s1", &a, 1.5, 31);
-    qkv_fn b = win_fn(3, 4, 8, 4, 0, 6, 3);
-    device_check_qkv("window 4x8 w4 s0", &b, 1.5, 41);
-    qkv_fn c = win_fn(1, 12, 12, 6, 3, 64, 2); /* the real model's head width 32 */
-    device_check_qkv("window 12x12 w6 s3", &c, 2.0, 51);
+    for (int m = 0; m < 2; m++) {
+        setenv("CLHCLIP_HATTN_KERNELS", kernel_modes[m], 1);
+        print_message("  kernels: %s\n", kernel_modes[m]);
+        qkv_fn a = win_fn(2, 6, 9, 3, 1, 8, 2);
+        device_check_qkv("window 6x9 w3 s1", &a, 1.5, 31);
+        qkv_fn b = win_fn(3, 4, 8, 4, 0, 6, 3);
+        device_check_qkv("window 4x8 w4 s0", &b, 1.5, 41);
+        qkv_fn c = win_fn(1, 12, 12, 6, 3, 64, 2); /* the real model's head width 32 */
+        device_check_qkv("window 12x12 w6 s3", &c, 2.0, 51);
+        qkv_fn d = win_fn(1, 9, 9, 9, 4, 12, 1); /* 81 positions: more than a work-group */
+        device_check_qkv("window 9x9 w9 s4", &d, 2.0, 61);
+    }
+    unsetenv("CLHCLIP_HATTN_KERNELS");
 }
 
 /* ------------------------------------------------------------------ linear attention tests */
@@ -579,8 +589,15 @@ static void test_concat_device(void **state) {
         {0, 4, 2, 3, 2},  /* pure broadcast */
         {6, 0, 3, 2, 2},  /* pure slice */
     };
-    for (int i = 0; i < 4; i++)
-        concat_run(ctx, &cases[i], 200 + 10 * (uint32_t)i);
+    for (int m = 0; m < 2; m++) {
+        setenv("CLHCLIP_HATTN_KERNELS", kernel_modes[m], 1);
+        for (int i = 0; i < 4; i++)
+            concat_run(ctx, &cases[i], 200 + 10 * (uint32_t)i);
+        /* rows longer than a run (256), the a | b boundary inside a run */
+        concat_case wide = {300, 270, 2, 3, 2};
+        concat_run(ctx, &wide, 250);
+    }
+    unsetenv("CLHCLIP_HATTN_KERNELS");
 }
 
 /* ------------------------------------------------------------------ row max */
@@ -732,6 +749,32 @@ static void test_bce_device(void **state) {
 
 /* ------------------------------------------------------------------ bad inputs */
 
+/* A window whose blocks exceed the device's local memory: "runs" fails and names the
+ * setting, the default falls back to the per-item kernels. */
+static void window_local_memory_limit(clh_ctx *ctx) {
+    const clh_device_info *info = clh_ctx_device(ctx);
+    int window = 8, dim = 128;
+    while ((unsigned long long)window * window * dim * 4 * 4 <= info->local_mem && window < 64)
+        window *= 2;
+    if (window >= 64) {
+        print_message("  (local memory too large to exceed: limit case skipped)\n");
+        return;
+    }
+    const int64_t *s = SHAPE(1, (int64_t)window * window, dim);
+    clh_tensor *t[7];
+    for (int i = 0; i < 7; i++)
+        t[i] = tu_put(ctx, 0, 3, s, NULL);
+    setenv("CLHCLIP_HATTN_KERNELS", "runs", 1);
+    TU_FAILS(clh_window_attention_backward(ctx, t[0], t[1], t[2], window, window, window, 0, 1,
+                                           t[3], t[4], t[5], t[6]),
+             CLH_ERR_INVALID_ARGUMENT, "local memory");
+    unsetenv("CLHCLIP_HATTN_KERNELS");
+    TU_OK(clh_window_attention_backward(ctx, t[0], t[1], t[2], window, window, window, 0, 1, t[3],
+                                        t[4], t[5], t[6]));
+    for (int i = 0; i < 7; i++)
+        clh_tensor_release(t[i]);
+}
+
 static void test_bad_inputs(void **state) {
     (void)state;
     TU_CTX_OR_SKIP(ctx);
@@ -758,6 +801,11 @@ static void test_bad_inputs(void **state) {
              CLH_ERR_SHAPE, "dv");
     TU_FAILS(clh_window_attention_backward(ctx, q, k, v, 4, 6, 2, 1, 2, o, g1, g1, g2),
              CLH_ERR_INVALID_ARGUMENT, "dk must not alias dq");
+    setenv("CLHCLIP_HATTN_KERNELS", "fast", 1);
+    TU_FAILS(clh_window_attention_forward(ctx, q, k, v, 4, 6, 2, 1, 2, o), CLH_ERR_INVALID_ARGUMENT,
+             "CLHCLIP_HATTN_KERNELS");
+    unsetenv("CLHCLIP_HATTN_KERNELS");
+    window_local_memory_limit(ctx);
     TU_FAILS(clh_window_attention_backward(ctx, q, k, v, 4, 6, 2, 1, 2, NULL, g1, g2, o),
              CLH_ERR_INVALID_ARGUMENT, "dout");
 
