@@ -11,7 +11,8 @@
 local paths = dofile((arg[0]:match("^(.*)/") or ".") .. "/lib_path.lua")
 local argparse = require "clhclip.argparse"
 
-local ALL = {"gemm", "attention", "vit224", "vit384", "text", "train-tiny", "train"}
+local ALL = {"gemm", "attention", "vit224", "vit384", "text", "train-tiny", "train", "seg384",
+             "segtrain"}
 local parser = argparse.new("scripts/bench.lua", "Benchmarks at the CLIP encoders' shapes.")
 parser:option("--what", {metavar = "LIST", default = "gemm,attention",
               help = "comma list of " .. table.concat(ALL, ",") .. " or all"})
@@ -25,6 +26,8 @@ parser:option("--model", {metavar = "DIR",
                   "--out /tmp/vitb16)"})
 parser:option("--prompts", {type = "integer", default = 171,
               help = "prompts for the text and train figures"})
+parser:option("--classes", {type = "integer", default = 150,
+              help = "classes for the seg384 figure (segtrain uses --prompts)"})
 parser:flag("--recompute", {help = "train figures: recompute activations in the backward"})
 parser:option("--gemm-paths", {metavar = "LIST",
               help = "run the GEMM figures once per CLHCLIP_GEMM path (e.g. host,ocl,clblast), " ..
@@ -306,6 +309,64 @@ local function bench_train(ctx, clh, opts, out, model, id, size, block, hooks, n
     hc:free()
 end
 
+-- Class names "class 1" .. "class n" (the default tokenizer needs the CLIP vocabulary).
+local function class_names(n)
+    local names = {}
+    for i = 1, n do names[i] = "class " .. i end
+    return names
+end
+
+-- Segmentation inference on one 384x384 image, single view (CLIP + CAT-Seg head with the
+-- ViT-B configuration + upsampling and argmax on the host); the text is cached after the
+-- warm-up call, as in eval.lua.
+local function bench_seg(ctx, clh, opts, out, model)
+    local m = clh.segmodel(model, {image_size = 384})
+    m:set_classes(class_names(opts.classes))
+    local bytes = {}
+    for i = 1, 384 * 384 do bytes[i] = string.char(i % 251, i % 241, i % 239) end
+    local img = clh.image_from_rgb8(table.concat(bytes), 384, 384)
+    local r = measure(ctx, clh, opts, function() m:predict(img, {sliding = false}) end)
+    r.id = "seg384"
+    r.name = string.format("segmentation 384x384 (%d classes, one view)", opts.classes)
+    out[#out + 1] = r
+    report(r)
+    img:free()
+    m:free()
+end
+
+-- One segmentation training step (adapters + head, batch 1, crop 384, --prompts classes,
+-- class-attention pooling 2): forward, BCE loss, backward through head and both towers,
+-- AdamW step.
+local function bench_segtrain(ctx, clh, opts, out, model)
+    local m = clh.segmodel(model, {image_size = 384,
+                                   adapter = {block_size = 128, recompute = opts.recompute}})
+    m:set_classes(class_names(opts.prompts))
+    local dir = os.tmpname()
+    os.remove(dir)
+    clh.make_procedural_dataset {dir = dir, n = 2, size = 384, seed = 1}
+    local loader = clh.dataset(dir):loader {batch = 1, crop = 384, seed = 1, threads = 1}
+    local opt = require("clhclip.segtrain").optimizer(clh, m, {lr = 2e-4})
+    local r = measure(ctx, clh, opts, function()
+        local b = loader:next()
+        opt:zero_grad()
+        m:train_step(b)
+        opt:clip_grad_norm(0.01)
+        opt:step()
+        m:update()
+        b:free()
+        ctx:finish()
+    end)
+    r.id = "segtrain"
+    r.name = string.format("segmentation training step 384 + %d classes%s", opts.prompts,
+                           opts.recompute and " (recompute)" or "")
+    out[#out + 1] = r
+    report(r)
+    loader:free()
+    opt:free()
+    m:free()
+    os.execute("rm -rf '" .. dir .. "'")
+end
+
 local ARRAY = {} -- metatable marking a table that is written as a JSON array even when empty
 
 local function json_value(v)
@@ -371,9 +432,9 @@ argparse.main(function()
         bench_train(ctx, clh, opts, out, tiny, "train-tiny", 48, 16, {0, 1}, 8)
         tiny:free()
     end
-    if want.vit224 or want.vit384 or want.text or want.train then
+    if want.vit224 or want.vit384 or want.text or want.train or want.seg384 or want.segtrain then
         if not opts.model then
-            print("SKIP vit224/vit384/text/train: no --model DIR given (make a random ViT-B/16 one " ..
+            print("SKIP vit224/vit384/text/train/seg384/segtrain: no --model DIR given (make a random ViT-B/16 one " ..
                       "with: python3 tests/reference/make_clip_fixtures.py --config vitb16_384 " ..
                       "--out /tmp/vitb16)")
         else
@@ -386,6 +447,8 @@ argparse.main(function()
             if want.train then
                 bench_train(ctx, clh, opts, out, model, "train", 384, 128, {3, 7}, opts.prompts)
             end
+            if want.seg384 then bench_seg(ctx, clh, opts, out, model) end
+            if want.segtrain then bench_segtrain(ctx, clh, opts, out, model) end
             model:free()
         end
     end

@@ -28,6 +28,8 @@ p:option("--ortho", {default = "none", choices = {"text", "both", "none", "visio
 p:option("--max-grad-norm", {type = "number", default = 1.0,
                              help = "gradient-norm clipping (0: off; the released config uses " ..
                                  "0.01 with 80k steps)"})
+p:option("--template", {default = "A photo of a {} in the scene",
+                        help = "prompt template ({} = class name)"})
 p:option("--overlays", {type = "integer", default = 4, help = "held-out overlays to write"})
 p:option("--out", {metavar = "DIR", default = "out", help = "output folder"})
 p:option("--seed", {type = "integer", default = 0, help = "seed of data, model and training"})
@@ -86,6 +88,7 @@ local function main()
     local model = clh.segmodel(clip, {image_size = o.size, seed = o.seed + 2, head = HEAD,
                                       adapter = {block_size = 32, ortho = o.ortho}})
     local tok = clh.tokenizer(paths.repo .. "/tests/fixtures/tokenizer/tiny_merges.txt.gz")
+    model:set_templates {o.template}
     model:set_classes(classes, tok)
     print("  " .. tostring(model))
 
