@@ -299,12 +299,15 @@ static clh_status permute_heads(clh_ctx *ctx, const char *kernel, const clh_tens
     return clh_launch_2d(ctx, kernel, (size_t)heads * head_dim, n * len, NARGS(args), args);
 }
 
-/* The forward's softmax kernel (norm.cl): causal masking restarts every lq rows. */
+/* The forward's softmax kernels (norm.cl): causal masking restarts every lq rows; one
+ * work-item per row on CPU devices, one work-group per row elsewhere (as clh_softmax). */
 static clh_status softmax_forward_rows(clh_ctx *ctx, clh_tensor *s, size_t rows, size_t lq,
                                        size_t cols, float scale, int causal) {
     int rows_i = (int)rows, block_i = (int)lq, cols_i = (int)cols, causal_i = causal != 0;
     clh_karg args[] = {CLH_KTENSOR(s),   CLH_KTENSOR(s),  CLH_KARG(rows_i),   CLH_KARG(block_i),
                        CLH_KARG(cols_i), CLH_KARG(scale), CLH_KARG(causal_i), CLH_KLOCAL(0)};
+    if (clh_use_row_items(ctx))
+        return clh_launch_row_items(ctx, "softmax_item", rows, NARGS(args) - 1, args);
     return launch_groups(ctx, "softmax", rows, NARGS(args), args);
 }
 
