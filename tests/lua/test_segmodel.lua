@@ -175,17 +175,20 @@ function T.bad_input_is_refused()
              {image_size = SIZE + 4, head = HEAD, adapter = {block_size = 16}})
 end
 
--- The demo's learning check, shortened: held-out mIoU must be far above chance (1/8 of
--- the classes). The full demo's figure is in README.md.
+-- The demo's learning check, shortened (150 steps: the textured backgrounds are learnt, the
+-- shapes mostly not yet): held-out mIoU must be far above the score of random labels. The
+-- full demo's figure is in README.md.
 function T.demo_learns_on_held_out_data()
     local out = tmpdir("_demo")
     local stdout, code = h.run_script(h.repo .. "/scripts/demo.lua",
                                       {"--quick", "--out", out, "--overlays", "1"},
                                       {CLHCLIP_BUILD = h.build})
     h.eq(code, 0, "demo.lua exit status (output: " .. stdout .. ")")
-    local miou = tonumber(stdout:match("demo mIoU ([%d.]+)"))
-    h.truthy(miou, "demo printed its mIoU")
-    h.truthy(miou > 0.30, string.format("held-out mIoU %.3f is well above chance (0.125)", miou))
+    local miou, chance = stdout:match("demo mIoU ([%d.]+) chance ([%d.]+)")
+    miou, chance = tonumber(miou), tonumber(chance)
+    h.truthy(miou and chance, "demo printed its mIoU and the random-label baseline")
+    h.truthy(miou > 0.2 and miou > 3 * chance,
+             string.format("held-out mIoU %.3f is well above chance (%.3f)", miou, chance))
     h.truthy(h.exists(out .. "/overlay_01.png"), "an overlay was written")
 end
 
