@@ -37,6 +37,16 @@ typedef struct ch_tape {
     clh_tensor *dec_in, *ext;
 } ch_tape;
 
+/* Tensors released by a lean (inference) forward, kept for the next allocation of the same
+ * size: fresh buffers of hundreds of MB cost page faults on host-memory devices (PoCL),
+ * which took seconds per image. Active only inside the head's own calls. */
+#define BIN_CAPACITY 160
+typedef struct ch_bin {
+    clh_tensor *t[BIN_CAPACITY];
+    int n;
+} ch_bin;
+static _Thread_local ch_bin *active_bin;
+
 struct clh_cathead {
     clh_ctx *ctx;
     clh_cathead_config cfg;
@@ -63,16 +73,59 @@ struct clh_cathead {
     ch_tape t;
     ch_layer_tape lt[CATHEAD_MAX_LAYERS];
     ch_dec_tape dt[2];
+    ch_bin bin; /* buffers a lean forward released, for its next allocations */
 };
 
 /* ------------------------------------------------------------------ small helpers */
+
+void ch_discard(clh_tensor *t) {
+    if (!t)
+        return;
+    if (active_bin && active_bin->n < BIN_CAPACITY && t->refcount == 1 && t->offset == 0 &&
+        t->owned_bytes) {
+        active_bin->t[active_bin->n++] = t;
+        return;
+    }
+    clh_tensor_release(t);
+}
+
+/* The smallest binned tensor holding numel to 2 numel elements, reshaped (its buffer may be
+ * larger than the new shape), or NULL. */
+static clh_tensor *from_bin(size_t numel, int ndim, const int64_t *shape) {
+    ch_bin *b = active_bin;
+    int best = -1;
+    size_t best_cap = 0;
+    for (int i = 0; b && i < b->n; i++) {
+        size_t cap = b->t[i]->owned_bytes / sizeof(float);
+        if (cap >= numel && cap <= 2 * numel && (best < 0 || cap < best_cap)) {
+            best = i;
+            best_cap = cap;
+        }
+    }
+    if (best < 0)
+        return NULL;
+    clh_tensor *t = b->t[best];
+    b->t[best] = b->t[--b->n];
+    t->ndim = ndim;
+    memcpy(t->shape, shape, (size_t)ndim * sizeof *shape);
+    t->numel = numel;
+    return t;
+}
+
+static void bin_clear(ch_bin *b) {
+    for (int i = 0; i < b->n; i++)
+        clh_tensor_release(b->t[i]);
+    b->n = 0;
+}
 
 clh_status ch_slot(clh_ctx *ctx, clh_tensor **slot, int ndim, const int64_t *shape) {
     clh_tensor *s = *slot;
     if (s && s->ndim == ndim && !memcmp(s->shape, shape, (size_t)ndim * sizeof *shape))
         return CLH_OK;
-    clh_tensor_release(s);
-    *slot = NULL;
+    ch_discard(s);
+    *slot = from_bin(clh_shape_numel(ndim, shape), ndim, shape);
+    if (*slot)
+        return CLH_OK;
     return clh_tensor_new(ctx, ndim, shape, slot);
 }
 
@@ -95,7 +148,7 @@ clh_tensor ch_shaped(const clh_tensor *t, int ndim, const int64_t *shape) {
 
 void ch_release_slots(clh_tensor **slots, size_t count) {
     for (size_t i = 0; i < count; i++) {
-        clh_tensor_release(slots[i]);
+        ch_discard(slots[i]);
         slots[i] = NULL;
     }
 }
@@ -382,6 +435,7 @@ void clh_cathead_free(clh_cathead *h) {
     if (!h)
         return;
     free_tapes(h);
+    bin_clear(&h->bin);
     for (int i = 0; i < h->n_params; i++) {
         clh_tensor_release(h->params[i].w);
         clh_tensor_release(h->params[i].g);
@@ -789,7 +843,7 @@ static clh_status decode(clh_cathead *h, const clh_tensor *x, clh_tensor *logits
     CLH_TRY(decoder_stage(h, 0, h->t.dec_in));
     if (h->lean) {
         dec_tape_drop(&h->dt[0], 1);
-        clh_tensor_release(h->t.dec_in);
+        ch_discard(h->t.dec_in);
         h->t.dec_in = NULL;
     }
     CLH_TRY(decoder_stage(h, 1, h->dt[0].r2));
@@ -814,7 +868,7 @@ static void dec_tape_drop(ch_dec_tape *d, int keep_output) {
     for (size_t i = 0; i < sizeof owned / sizeof *owned; i++) {
         if (keep_output && *owned[i] == r2)
             continue;
-        clh_tensor_release(*owned[i]);
+        ch_discard(*owned[i]);
         *owned[i] = NULL;
     }
 }
@@ -870,7 +924,11 @@ clh_status clh_cathead_forward(clh_cathead *h, int train, const clh_cathead_inpu
     int64_t size = (int64_t)g.grid * 4;
     clh_tensor *out = NULL;
     CLH_TRY(clh_tensor_new(h->ctx, DIMS(g.batch, g.classes_all, size, size), &out));
+    active_bin = &h->bin;
     clh_status st = forward_core(h, out, !train);
+    active_bin = NULL;
+    if (train)
+        bin_clear(&h->bin); /* a training tape keeps its slots: the bin is not needed */
     if (st != CLH_OK) {
         clh_tensor_release(out);
         return st;

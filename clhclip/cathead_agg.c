@@ -383,14 +383,14 @@ void ch_swin_tape_drop(ch_swin_tape *s) {
     clh_tensor **owned[] = {&s->xn,  &s->cat, &s->q,   &s->k,  &s->v,
                             &s->att, &s->x1,  &s->x1n, &s->f1, &s->act};
     for (size_t i = 0; i < sizeof owned / sizeof *owned; i++) {
-        clh_tensor_release(*owned[i]);
+        ch_discard(*owned[i]);
         *owned[i] = NULL;
     }
 }
 
 static void swin_tape_free(ch_swin_tape *s) {
     ch_swin_tape_drop(s);
-    clh_tensor_release(s->y);
+    ch_discard(s->y);
     s->y = NULL;
 }
 
@@ -456,7 +456,7 @@ void ch_layer_tape_free(ch_layer_tape *t) {
     for (int j = 0; j < 2; j++)
         swin_tape_free(&t->spatial[j]);
     ch_release_slots((clh_tensor **)&t->cls, sizeof t->cls / sizeof(clh_tensor *));
-    clh_tensor_release(t->gnorm);
-    clh_tensor_release(t->out);
+    ch_discard(t->gnorm);
+    ch_discard(t->out);
     memset(t, 0, sizeof *t);
 }

@@ -101,6 +101,8 @@ clh_tensor ch_part(const clh_tensor *t, size_t offset, int ndim, const int64_t *
 #define SLOT(ctx, s, ...)   ch_slot((ctx), &(s), DIMS(__VA_ARGS__))
 #define SCR(ctx, s, t, ...) clip_ws((ctx), (s), DIMS(__VA_ARGS__), &(t))
 
+/* Release a slot tensor (inside a lean forward it is kept for reuse by ch_slot). */
+void ch_discard(clh_tensor *t);
 /* Release every owned tensor of a tape struct made only of clh_tensor pointers. */
 void ch_release_slots(clh_tensor **slots, size_t count);
 
