@@ -187,6 +187,7 @@ function T.demo_learns_on_held_out_data()
     local miou, chance = stdout:match("demo mIoU ([%d.]+) chance ([%d.]+)")
     miou, chance = tonumber(miou), tonumber(chance)
     h.truthy(miou and chance, "demo printed its mIoU and the random-label baseline")
+    print(string.format("  demo --quick: held-out mIoU %.3f, random labels %.3f", miou, chance))
     h.truthy(miou > 0.2 and miou > 3 * chance,
              string.format("held-out mIoU %.3f is well above chance (%.3f)", miou, chance))
     h.truthy(h.exists(out .. "/overlay_01.png"), "an overlay was written")
