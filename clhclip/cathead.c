@@ -12,7 +12,8 @@
 
 #include "cathead_internal.h"
 
-#define MAX_PARAMS 160
+/* 32 tensors outside the aggregator + 50 per aggregator layer */
+#define MAX_PARAMS (32 + 50 * CATHEAD_MAX_LAYERS)
 
 typedef struct ch_named {
     char name[96];
@@ -126,7 +127,12 @@ clh_status ch_slot(clh_ctx *ctx, clh_tensor **slot, int ndim, const int64_t *sha
     *slot = from_bin(clh_shape_numel(ndim, shape), ndim, shape);
     if (*slot)
         return CLH_OK;
-    return clh_tensor_new(ctx, ndim, shape, slot);
+    clh_status st = clh_tensor_new(ctx, ndim, shape, slot);
+    if (st == CLH_ERR_OUT_OF_MEMORY && active_bin && active_bin->n) {
+        bin_clear(active_bin); /* give the kept buffers back and try again */
+        st = clh_tensor_new(ctx, ndim, shape, slot);
+    }
+    return st;
 }
 
 clh_tensor ch_part(const clh_tensor *t, size_t offset, int ndim, const int64_t *shape) {
@@ -272,8 +278,12 @@ static clh_status add_tensor(clh_cathead *h, clh_tensor **w, clh_tensor **g, int
         st = clh_tensor_new(h->ctx, ndim, shape, &p->g);
     if (st == CLH_OK)
         st = clh_tensor_fill(p->g, 0.0f);
-    if (st != CLH_OK)
+    if (st != CLH_OK) {
+        clh_tensor_release(p->w);
+        clh_tensor_release(p->g);
+        p->w = p->g = NULL;
         return st;
+    }
     p->no_decay = no_decay;
     h->n_params++;
     *w = p->w;
@@ -546,7 +556,7 @@ static clh_status check_seq_input(clh_ctx *ctx, const char *name, const clh_tens
                                   int tokens, int width) {
     if (!t)
         return clh_fail(ctx, CLH_ERR_INVALID_ARGUMENT, "clh_cathead_forward: %s is NULL", name);
-    if (t->ndim != 3 || (batch >= 0 && t->shape[0] != batch) ||
+    if (t->ndim != 3 || t->shape[0] < 1 || (batch >= 0 && t->shape[0] != batch) ||
         (tokens >= 0 && t->shape[1] != tokens) || t->shape[2] != width) {
         char got[96];
         clh_shape_str(t->ndim, t->shape, got, sizeof got);
@@ -911,8 +921,9 @@ static clh_status forward_core(clh_cathead *h, clh_tensor *logits, int lean) {
 
 clh_status clh_cathead_forward(clh_cathead *h, int train, const clh_cathead_inputs *in,
                                clh_tensor **logits) {
-    *logits = NULL;
-    if (!h || !in)
+    if (logits)
+        *logits = NULL;
+    if (!h || !in || !logits)
         return clh_fail(h ? h->ctx : NULL, CLH_ERR_INVALID_ARGUMENT,
                         "clh_cathead_forward: NULL head or inputs");
     h->pending = 0;

@@ -85,7 +85,8 @@ int clh_cathead_kept_classes(const clh_cathead *head, int b, const int32_t **cla
 
 /* Backward from d logits of the last training forward: parameter gradients accumulated;
  * d_dense, d_hooks[i], d_text (each may be NULL) overwritten, shaped like the inputs
- * (CLS rows 0; d_text summed over the batch). Releases the saved activations. */
+ * (CLS rows 0; d_text summed over the batch). The activations stay allocated for the next
+ * forward of the same shape. */
 clh_status clh_cathead_backward(clh_cathead *head, const clh_tensor *d_logits, clh_tensor *d_dense,
                                 clh_tensor *const d_hooks[2], clh_tensor *d_text);
 /* Drop the activations of a pending training forward. */

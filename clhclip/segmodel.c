@@ -65,6 +65,10 @@ static clh_status resolve_options(clh_clip *clip, const clh_segmodel_options *in
         if (prompts > 0)
             o->head.n_prompts = prompts;
     }
+    if (o->head.n_prompts < 1 || o->head.n_prompts > CLH_SEG_MAX_PROMPTS)
+        return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT,
+                        "segmodel: head n_prompts %d must be in 1..%d", o->head.n_prompts,
+                        CLH_SEG_MAX_PROMPTS);
     if (o->head.d_img != c->projection_dim || o->head.d_vis != c->vision.hidden)
         return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT,
                         "segmodel: head widths d_img %d / d_vis %d do not match the CLIP "
@@ -137,7 +141,10 @@ clh_status clh_segmodel_update(clh_segmodel *m) {
 /* ------------------------------------------------------------------ prompts */
 
 clh_status clh_segmodel_set_templates(clh_segmodel *m, const char *const *templates, int n) {
-    if (n != m->opt.head.n_prompts)
+    if (!m || !templates)
+        return clh_fail(m ? m->ctx : NULL, CLH_ERR_INVALID_ARGUMENT,
+                        "segmodel: set_templates needs a model and templates");
+    if (n != m->opt.head.n_prompts || n > CLH_SEG_MAX_PROMPTS)
         return clh_fail(m->ctx, CLH_ERR_INVALID_ARGUMENT,
                         "segmodel: %d prompt templates given, the head takes %d", n,
                         m->opt.head.n_prompts);
@@ -250,6 +257,9 @@ static clh_status cached_text(clh_segmodel *m) {
 }
 
 clh_status clh_segmodel_logits(clh_segmodel *m, const clh_tensor *pixels, clh_tensor **logits) {
+    if (!m || !pixels || !logits)
+        return clh_fail(m ? m->ctx : NULL, CLH_ERR_INVALID_ARGUMENT,
+                        "clh_segmodel_logits: NULL argument");
     *logits = NULL;
     CLH_TRY(cached_text(m));
     clh_image_request req = image_request(m);
@@ -499,7 +509,11 @@ static void cut_crop(const float *big, int r, int size, int x0, int y0, float *c
 static clh_status sliding_scores(clh_segmodel *m, const float *big, int r, const float *global,
                                  float *acc, float *scores) {
     int size = m->opt.image_size, t = m->n_classes;
+    /* the released int(S (1 - 0.333)): 256 for 384; capped so that the last crop ends at the
+     * border for sizes where rounding would leave a strip uncovered */
     int stride = (int)(size * (1.0 - 0.333));
+    if (r > size && stride > r - size)
+        stride = r - size;
     size_t rr = (size_t)r * r;
     float *count = calloc(rr, sizeof *count), *crop = malloc((size_t)3 * size * size * 4);
     if (!count || !crop) {
@@ -759,6 +773,9 @@ static void parse_adapter(const char *json, clh_hclip_options *a) {
 
 clh_status clh_segmodel_checkpoint_options(const char *path, clh_segmodel_options *o,
                                            char **templates_out) {
+    if (!path || !o)
+        return clh_fail(NULL, CLH_ERR_INVALID_ARGUMENT,
+                        "clh_segmodel_checkpoint_options: NULL argument");
     if (templates_out)
         *templates_out = NULL;
     clh_st_file *f;
@@ -776,8 +793,8 @@ clh_status clh_segmodel_checkpoint_options(const char *path, clh_segmodel_option
         parse_head(cJSON_GetObjectItemCaseSensitive(j, "head"), &o->head);
         parse_adapter(clh_st_metadata(f, "config"), &o->adapter);
         const char *t = clh_st_metadata(f, "templates");
-        if (templates_out && t)
-            *templates_out = strdup(t);
+        if (templates_out && t && !(*templates_out = strdup(t)))
+            st = clh_fail(NULL, CLH_ERR_OUT_OF_MEMORY, "segmodel: out of host memory");
     }
     cJSON_Delete(j);
     clh_st_close(f);
@@ -811,11 +828,25 @@ clh_status clh_segmodel_export(clh_segmodel *m, const char *dir) {
     return st;
 }
 
-/* Load the head parameters of a folded export's head.safetensors into m. */
+/* Load the head parameters of a folded export's head.safetensors into m (the stored model
+ * configuration must equal m's: heads, window, pad length, hooks change no shapes). */
 clh_status clh_segmodel_load_head(clh_segmodel *m, const char *path) {
     clh_st_file *f;
     CLH_TRY(clh_st_open(path, &f));
-    clh_status st = clh_cathead_load_params(m->head, f);
+    cJSON *j = options_json(m);
+    char *mine = j ? cJSON_PrintUnformatted(j) : NULL;
+    cJSON_Delete(j);
+    const char *theirs = clh_st_metadata(f, META_KEY);
+    clh_status st = CLH_OK;
+    if (!mine)
+        st = clh_fail(m->ctx, CLH_ERR_OUT_OF_MEMORY, "segmodel: out of host memory");
+    else if (!theirs || strcmp(theirs, mine) != 0)
+        st = clh_fail(m->ctx, CLH_ERR_INVALID_ARGUMENT,
+                      "'%s' has segmentation configuration %s, the model is configured as %s", path,
+                      theirs ? theirs : "(none)", mine);
+    cJSON_free(mine);
+    if (st == CLH_OK)
+        st = clh_cathead_load_params(m->head, f);
     clh_st_close(f);
     drop_text_cache(m);
     return st;

@@ -2896,6 +2896,7 @@ static const luaL_Reg ctx_ctor_methods[] = {
 typedef struct SegBox {
     clh_segmodel *m;
     CtxBox *owner;
+    ClipBox *base; /* kept alive through SEG_UV_CLIP; clip:free() can still destroy it */
 } SegBox;
 
 enum { SEG_UV_CLIP = 1, SEG_UV_CTX = 2 };
@@ -2904,6 +2905,8 @@ static SegBox *check_seg(lua_State *L, int idx) {
     SegBox *b = luaL_checkudata(L, idx, SEGMODEL_MT);
     if (!b->m)
         luaL_error(L, "segmentation model was freed");
+    if (!b->base->m)
+        luaL_error(L, "the segmentation model's CLIP was freed");
     return b;
 }
 
@@ -3027,6 +3030,7 @@ static int l_segmodel(lua_State *L) {
     lua_setiuservalue(L, -2, SEG_UV_CLIP);
     lua_getiuservalue(L, 1, CLIP_UV_CTX);
     lua_setiuservalue(L, -2, SEG_UV_CTX);
+    b->base = mb;
     clh_segmodel *m = NULL;
     CHECK(L, clh_segmodel_new(mb->m, &o, &m));
     b->m = m;

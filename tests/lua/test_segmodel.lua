@@ -153,6 +153,12 @@ function T.checkpoint_round_trip_reproduces_predictions()
     local got, same = labels_of(exported:predict(img)), 0
     for i = 1, #want do if got[i] == want[i] then same = same + 1 end end
     h.truthy(same >= 0.99 * #want, string.format("export agrees on %d of %d pixels", same, #want))
+    -- a head exported with another configuration (same tensor shapes) is refused
+    local other_opts = clh.segmodel_options(dir .. "/head.safetensors")
+    other_opts.adapter = {block_size = 16}
+    other_opts.head.pad_len = 9
+    local mismatched = clh.segmodel(clh.load_clip(dir), other_opts)
+    h.raises("segmentation configuration", mismatched.load, mismatched, dir .. "/head.safetensors")
 end
 
 function T.bad_input_is_refused()
@@ -173,6 +179,23 @@ function T.bad_input_is_refused()
     h.raises("set the classes", unset.predict, unset, image(1))
     h.raises("not a multiple of the patch", clh.segmodel, clh.load_clip(tiny_clip()),
              {image_size = SIZE + 4, head = HEAD, adapter = {block_size = 16}})
+    local many = {}
+    for k, v in pairs(HEAD) do many[k] = v end
+    many.n_prompts = 100
+    h.raises("n_prompts 100 must be in 1..96", clh.segmodel, clh.load_clip(tiny_clip()),
+             {image_size = SIZE, head = many, adapter = {block_size = 16}})
+    -- three aggregator layers (182 parameter tensors) are accepted
+    local deep = {}
+    for k, v in pairs(HEAD) do deep[k] = v end
+    deep.n_layers = 3
+    local m3 = clh.segmodel(clh.load_clip(tiny_clip()),
+                            {image_size = SIZE, head = deep, adapter = {block_size = 16}})
+    h.eq(#m3:parameters(), 3 + 32 + 50 * 3, "adapter + head tensors of a 3-layer head")
+    -- a model whose CLIP was freed refuses to run instead of crashing
+    local clip = clh.load_clip(tiny_clip())
+    local orphan = clh.segmodel(clip, {image_size = SIZE, head = HEAD, adapter = {block_size = 16}})
+    clip:free()
+    h.raises("CLIP was freed", orphan.predict, orphan, image(1))
 end
 
 -- The demo's learning check, shortened (150 steps: the textured backgrounds are learnt, the
