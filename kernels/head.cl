@@ -484,6 +484,12 @@ __kernel void head_col2im_batch(__global const float *dcol, const int dcol_off,
             continue;
         for (int j = 0; j < kw; j++) {
             __global const float *line = base + (i * kw + j) * pixels + (th / stride) * out_w;
+            if (stride == 1) { /* the common case: a contiguous, branch-free run */
+                int lo = max(0, j - pad), hi = min(width, out_w + j - pad);
+                for (int iw = lo; iw < hi; iw++)
+                    dst[iw] += line[iw + pad - j];
+                continue;
+            }
             for (int iw = 0; iw < width; iw++) {
                 int tw = iw + pad - j;
                 if (tw >= 0 && tw % stride == 0 && tw / stride < out_w)
