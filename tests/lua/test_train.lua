@@ -73,6 +73,16 @@ function T.trains_checkpoints_validates_and_resumes()
     h.truthy(text:find("step 4/4"), "ran step 4")
     h.truthy(not text:find("step 1/4"), "did not start over")
     h.eq(#lines(out .. "/metrics.jsonl"), #log + 1, "metrics log appended")
+    -- the checkpoint serves eval.lua and segment.lua directly (CLIP path and classes stored)
+    local csv = out .. "/eval.csv"
+    text, code = h.run_script(h.repo .. "/scripts/eval.lua",
+                              {"--model", out .. "/last.safetensors", "--data", c.data,
+                               "--classes", c.data .. "/classes.txt", "--vocab", c.vocab,
+                               "--csv", csv, "--no-sliding", "--quiet"},
+                              {CLHCLIP_BUILD = h.build})
+    h.eq(code, 0, "eval.lua on the checkpoint (output: " .. text .. ")")
+    h.truthy(text:find("mIoU"), "eval printed the mIoU")
+    h.eq(#lines(csv), 1 + 8, "CSV header + one line per class")
 end
 
 function T.bad_arguments_are_reported()
