@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-FIGURES = ["gemm", "attention", "vit224", "vit384", "text"]
+FIGURES = ["gemm", "attention", "vit224", "vit384", "text", "seg384"]
 GEMMS = [(577, 768, 768), (577, 768, 3072), (13167, 512, 512)]  # M x K x N, C = A W^T
 DEBIAN_OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
@@ -110,10 +110,52 @@ def torch_figures(args, want):
             r = timed(lambda: model(input_ids=ids), args.runs, args.warmup)
             r.update(id="text")
             out.append(r)
+    if "seg384" in want:
+        out.append(seg_figure(args))
     for r in out:
         print(f"torch {r['id']:24s} median {r['median_s'] * 1e3:9.3f} ms "
               f"(min {r['min_s'] * 1e3:.3f}, max {r['max_s'] * 1e3:.3f})")
     return {"torch": torch.__version__, "threads": args.threads, "results": out}
+
+
+def seg_figure(args):
+    """bench.lua's seg384: ViT-B/16 at 384 (dense + hooks 3 and 7), the CAT-Seg head of
+    make_cathead_fixtures.py in its ViT-B configuration with --classes classes and pooling 1,
+    then sigmoid(bilinear to 384) and argmax, as one inference view."""
+    import dataclasses
+
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import make_cathead_fixtures as cat
+
+    c = dataclasses.replace(cat.VITB16, n_classes=args.classes, pool=1)
+    gen = torch.Generator().manual_seed(0)
+    params = cat.random_params(c, gen)
+    text = cat.random_inputs(c, gen)["text"]
+    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                           num_attention_heads=12, image_size=224, patch_size=16,
+                           projection_dim=512, hidden_act="quick_gelu")
+    model = CLIPVisionModelWithProjection(cfg).eval()
+    px = torch.randn(1, 3, 384, 384)
+
+    def seg():
+        with torch.no_grad():
+            o = model.vision_model(pixel_values=px, interpolate_pos_encoding=True,
+                                   output_hidden_states=True)
+            dense = model.visual_projection(
+                model.vision_model.post_layernorm(o.last_hidden_state))
+            inp = {"image_dense": dense, "hook_0": o.hidden_states[4],
+                   "hook_1": o.hidden_states[8], "text": text}
+            logits = cat.head_forward(params, inp, c)
+            up = torch.nn.functional.interpolate(logits, size=(384, 384), mode="bilinear",
+                                                 align_corners=False)
+            up.sigmoid().argmax(1)
+
+    r = timed(seg, args.runs, args.warmup)
+    r.update(id="seg384")
+    return r
 
 
 def openblas_worker(which, runs):
@@ -217,6 +259,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=171)
+    ap.add_argument("--classes", type=int, default=150, help="classes of the seg384 figure")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-openblas", action="store_true", help="skip the OpenBLAS children")
     ap.add_argument("--compare", nargs="*", default=[], metavar="CLH_JSON",
