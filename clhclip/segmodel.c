@@ -182,6 +182,28 @@ static char *make_prompt(const char *templ, const char *name) {
     return s;
 }
 
+/* Keep only the first `used` columns of the [rows, context] ids, used = 1 + the last
+ * end-of-text position over all rows. Exact: CLIP's text attention is causal, so the
+ * features at the end-of-text token (where both HF poolings read) do not depend on the
+ * padding after it. Prompts are short (about 10 of 77 tokens), so the text tower, which
+ * runs on every class at every training step, costs that much less time and memory. */
+static int trim_context(int32_t *ids, int rows, int context, int32_t eot) {
+    int used = 1;
+    for (int r = 0; r < rows; r++) {
+        int found = 0;
+        for (int j = context - 1; j >= 0 && !found; j--)
+            if (ids[(size_t)r * context + j] == eot) {
+                used = j + 1 > used ? j + 1 : used;
+                found = 1;
+            }
+        if (!found)
+            return context; /* not a CLIP-tokenised row: keep everything */
+    }
+    for (int r = 0; r < rows; r++) /* compact in place, row by row (rows only shrink) */
+        memmove(ids + (size_t)r * used, ids + (size_t)r * context, (size_t)used * sizeof *ids);
+    return used;
+}
+
 clh_status clh_segmodel_set_classes(clh_segmodel *m, clh_tokenizer *tok, const char *const *names,
                                     int n) {
     if (!tok || !names || n < 1)
@@ -219,7 +241,7 @@ clh_status clh_segmodel_set_classes(clh_segmodel *m, clh_tokenizer *tok, const c
     free(m->ids);
     m->ids = ids;
     m->n_classes = n;
-    m->context = ctxlen;
+    m->context = trim_context(ids, n * p, ctxlen, clh_tokenizer_eot(tok));
     drop_text_cache(m);
     return CLH_OK;
 }

@@ -92,6 +92,25 @@ function T.training_steps_lower_the_loss_on_a_fixed_batch()
     h.truthy(last < 0.8 * first, string.format("loss fell from %.4f to %.4f", first, last))
 end
 
+-- The segmentation model encodes its prompts with the context cut after the last
+-- end-of-text token; that is exact because the text attention is causal.
+function T.text_features_do_not_depend_on_padding_after_the_end_of_text()
+    local clip = clh.load_clip(tiny_clip())
+    local tok = clh.tokenizer(h.fixture("tokenizer/tiny_merges.txt.gz"))
+    local prompts = {"A photo of a grass in the scene", "a blue square"}
+    local full = tok:tokenize(prompts, {context = 77})
+    local used = 0
+    for _, row in ipairs(full) do
+        for j, id in ipairs(row) do if id == tok:eot() then used = math.max(used, j) end end
+    end
+    h.truthy(used > 3 and used < 30, "prompts are short")
+    local cut = {}
+    for i, row in ipairs(full) do cut[i] = table.move(row, 1, used, 1, {}) end
+    local a = clip:encode_text(full):totable()
+    local b = clip:encode_text(cut):totable()
+    h.truthy(h.max_abs_err(a, b) <= 1e-5, "same features with " .. used .. " of 77 positions")
+end
+
 function T.predict_gives_a_label_per_pixel()
     local m = new_model(2)
     local img = image(5)
