@@ -2138,7 +2138,7 @@ typedef struct HclipBox {
 } HclipBox;
 
 /* User values: the CLIP userdata, its context, and the cached {params, grads} arrays. */
-enum { HCLIP_UV_CLIP = 1, HCLIP_UV_CTX = 2, HCLIP_UV_PARAMS = 3 };
+enum { HCLIP_UV_CLIP = 1, HCLIP_UV_CTX = 2, HCLIP_UV_PARAMS = 3 }; /* 1, 2: link_to_clip */
 
 static HclipBox *check_hclip_box(lua_State *L, int idx) {
     HclipBox *b = luaL_checkudata(L, idx, HCLIP_MT);
@@ -2176,6 +2176,28 @@ static const char *ortho_name(clh_ortho o) {
     return (unsigned)o <= CLH_ORTHO_VISION ? names[o] : "?";
 }
 
+/* Adapter options of the table at idx (none: the defaults), as clh.hclip takes them. */
+static void read_adapter_options(lua_State *L, int idx, clh_hclip_options *o) {
+    memset(o, 0, sizeof *o);
+    lua_Integer q = opt_int(L, idx, "block_size", 128);
+    if (q < 1 || q > 1 << 16)
+        luaL_error(L, "option 'block_size' must be 1..65536 (got %d)", (int)q);
+    o->block_size = (int)q;
+    o->ortho = check_ortho(L, idx);
+    o->no_modality_map = !opt_bool(L, idx, "modality_map", 1);
+    o->no_layer_map = !opt_bool(L, idx, "layer_map", 1);
+    o->recompute = opt_bool(L, idx, "recompute", 0);
+}
+
+/* The new userdata on the stack top keeps the CLIP at clip_idx (user value 1) and its
+ * context (user value 2) alive: models built on a CLIP borrow it. */
+static void link_to_clip(lua_State *L, int clip_idx) {
+    lua_pushvalue(L, clip_idx);
+    lua_setiuservalue(L, -2, 1);
+    lua_getiuservalue(L, clip_idx, CLIP_UV_CTX);
+    lua_setiuservalue(L, -2, 2);
+}
+
 /* clh.hclip(model[, {block_size=128, ortho="text", modality_map=true, layer_map=true,
  * recompute=false}]) -> HCLIP, adapters on `model` initialised to the identity. */
 static int l_hclip(lua_State *L) {
@@ -2183,21 +2205,11 @@ static int l_hclip(lua_State *L) {
     check_opt_table(L, 2);
     lua_settop(L, 2);
     clh_hclip_options o;
-    memset(&o, 0, sizeof o);
-    lua_Integer q = opt_int(L, 2, "block_size", 128);
-    luaL_argcheck(L, q >= 1 && q <= 1 << 16, 2, "block_size must be 1..65536");
-    o.block_size = (int)q;
-    o.ortho = check_ortho(L, 2);
-    o.no_modality_map = !opt_bool(L, 2, "modality_map", 1);
-    o.no_layer_map = !opt_bool(L, 2, "layer_map", 1);
-    o.recompute = opt_bool(L, 2, "recompute", 0);
+    read_adapter_options(L, 2, &o);
     HclipBox *b = lua_newuserdatauv(L, sizeof *b, 3);
     memset(b, 0, sizeof *b);
     luaL_setmetatable(L, HCLIP_MT);
-    lua_pushvalue(L, 1);
-    lua_setiuservalue(L, -2, HCLIP_UV_CLIP);
-    lua_getiuservalue(L, 1, CLIP_UV_CTX);
-    lua_setiuservalue(L, -2, HCLIP_UV_CTX);
+    link_to_clip(L, 1);
     b->base = mb;
     clh_hclip *h = NULL;
     CHECK(L, clh_hclip_new(mb->m, &o, &h));
@@ -2899,7 +2911,7 @@ typedef struct SegBox {
     ClipBox *base; /* kept alive through SEG_UV_CLIP; clip:free() can still destroy it */
 } SegBox;
 
-enum { SEG_UV_CLIP = 1, SEG_UV_CTX = 2 };
+enum { SEG_UV_CLIP = 1, SEG_UV_CTX = 2 }; /* as link_to_clip sets them */
 
 static SegBox *check_seg(lua_State *L, int idx) {
     SegBox *b = luaL_checkudata(L, idx, SEGMODEL_MT);
@@ -3004,14 +3016,8 @@ static void read_seg_options(lua_State *L, int idx, const clh_clip *clip, clh_se
     if (lua_getfield(L, idx, "head") == LUA_TTABLE)
         read_head_config(L, lua_gettop(L), &o->head);
     lua_pop(L, 1);
-    if (lua_getfield(L, idx, "adapter") == LUA_TTABLE) {
-        int a = lua_gettop(L);
-        o->adapter.block_size = (int)opt_int(L, a, "block_size", 128);
-        o->adapter.ortho = check_ortho(L, a);
-        o->adapter.no_modality_map = !opt_bool(L, a, "modality_map", 1);
-        o->adapter.no_layer_map = !opt_bool(L, a, "layer_map", 1);
-        o->adapter.recompute = opt_bool(L, a, "recompute", 0);
-    }
+    if (lua_getfield(L, idx, "adapter") == LUA_TTABLE)
+        read_adapter_options(L, lua_gettop(L), &o->adapter);
     lua_pop(L, 1);
 }
 
@@ -3026,10 +3032,7 @@ static int l_segmodel(lua_State *L) {
     SegBox *b = lua_newuserdatauv(L, sizeof *b, 2);
     memset(b, 0, sizeof *b);
     luaL_setmetatable(L, SEGMODEL_MT);
-    lua_pushvalue(L, 1);
-    lua_setiuservalue(L, -2, SEG_UV_CLIP);
-    lua_getiuservalue(L, 1, CLIP_UV_CTX);
-    lua_setiuservalue(L, -2, SEG_UV_CTX);
+    link_to_clip(L, 1);
     b->base = mb;
     clh_segmodel *m = NULL;
     CHECK(L, clh_segmodel_new(mb->m, &o, &m));
