@@ -63,13 +63,8 @@ p:option("--log-every", {type = "integer", default = 1, help = "progress line pe
 p:option("--platform", {metavar = "P", help = "OpenCL platform index or name substring"})
 p:option("--device", {metavar = "D", help = "OpenCL device index or name substring"})
 
-local function json_string(s)
-    return '"' .. s:gsub('[%c"\\]', function(c)
-        return string.format("\\u%04x", c:byte())
-    end) .. '"'
-end
-
 local function json_extra(t)
+    local json_string = require("clhclip.segtrain").json_string
     local names = {}
     for i, n in ipairs(t.classes) do names[i] = json_string(n) end
     return string.format('{"clip": %s, "data": %s, "steps": %d, "classes": [%s]}',

@@ -57,6 +57,13 @@ function M.evaluate(clh, model, ds, o)
     return r, n
 end
 
+-- A JSON string literal (control characters, quotes and backslashes escaped).
+function M.json_string(s)
+    return '"' .. tostring(s):gsub('[%c"\\]', function(c)
+        return string.format("\\u%04x", c:byte())
+    end) .. '"'
+end
+
 local function append_json(path, fields)
     if not path then return end
     local keys = {}
@@ -71,7 +78,7 @@ local function append_json(path, fields)
         elseif type(v) == "boolean" then
             s = tostring(v)
         else
-            s = string.format("%q", tostring(v))
+            s = M.json_string(v)
         end
         parts[#parts + 1] = string.format('"%s": %s', k, s)
     end
